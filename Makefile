@@ -1,0 +1,47 @@
+# kovicap: `make demo` (the main job on the synthetic corpus, CPU) and `make test` (what CI runs).
+# Both create .venv and install the pinned requirements on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# pip's user configuration on these machines adds a find-links folder holding a CPU-only torch wheel
+# that breaks torchvision; bypass every config file and pip env override so the registry build is used.
+PIP    := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_NO_INDEX \
+          PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 $(VENV)/bin/python -m pip
+RUN    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY)
+
+.PHONY: venv test test-fast lint format demo demo-control bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+test: $(STAMP)
+	$(RUN) -m pytest -q
+
+test-fast: $(STAMP)
+	$(RUN) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: $(STAMP)
+	$(RUN) -m vlm.demo
+
+demo-control: $(STAMP)
+	$(RUN) -m vlm.demo control=true
+
+bench: $(STAMP)
+	$(RUN) -m bench.decode
+	$(RUN) -m bench.moe
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache
