@@ -155,7 +155,7 @@ def quantize_nf4(w: torch.Tensor) -> NF4Experts:
 
 def dequantize_absmax(t: NF4Experts) -> torch.Tensor:
     """Float32 absmax (E, nb): dynamic_code[absmax] * absmax2 + offset, in that order (as bitsandbytes)."""
-    e, nb = t.absmax.shape
+    nb = t.absmax.shape[1]
     code2 = dynamic_code(t.q.device)
     scale = t.absmax2.repeat_interleave(BLOCK2, dim=1)[:, :nb]  # (E, nb)
     amax = code2[t.absmax.long()] * scale
@@ -181,10 +181,12 @@ def dequantize_fast(t: NF4Experts, dtype: torch.dtype) -> torch.Tensor:
     """Same values as `dequantize_nf4`, through bitsandbytes' native kernel when it is available.
 
     The native CPU kernel is several times faster than the gather above; its result is asserted equal
-    to `dequantize_nf4` in the tests, so both can serve the reference path.
+    to `dequantize_nf4` in the tests. That kernel assumes blocks never straddle rows, so it is only used
+    when K is a multiple of 64 (for other widths it disagrees with bitsandbytes' own quantizer and CUDA
+    kernel, which use flat blocks like `dequantize_nf4`).
     """
     op = _bnb_op("dequantize_4bit")
-    if op is None:
+    if op is None or t.shape[2] % BLOCK:
         return dequantize_nf4(t, dtype)
     absmax = dequantize_absmax(t).reshape(-1)  # (E*nb,) contiguous runs of 64 never cross experts
     return op(t.q.reshape(-1, 1), absmax, BLOCK, "nf4", list(t.shape), dtype)

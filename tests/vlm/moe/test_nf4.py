@@ -80,3 +80,19 @@ def test_expert_bytes_matches_stored_tensors_and_real_shape_fits():
     assert per_layer == 128 * (1_622_788 + 811_396) + 4 * 272
     assert per_layer * 48 <= 17e9
     assert 0.51 < per_layer / (128 * 3 * 2048 * 768) < 0.53
+
+
+def test_rows_narrower_than_a_block_use_flat_blocks_like_bitsandbytes():
+    # For K % 64 != 0 a block spans rows. bitsandbytes quantizes flat runs of 64; quantizing each expert
+    # flattened to one row (where its CPU dequant kernel is exact) gives the reference for both functions.
+    torch.manual_seed(3)
+    w = torch.randn(3, 64, 32) * 0.05
+    t = quantize_nf4(w)
+    for e in range(3):
+        q, st = bnbf.quantize_4bit(
+            w[e].reshape(1, -1), blocksize=64, quant_type="nf4", compress_statistics=True
+        )
+        assert torch.equal(q.view(-1), t.q[e]) and torch.equal(st.absmax, t.absmax[e])
+        ref = bnbf.dequantize_4bit(q, st).reshape(64, 32)
+        assert torch.equal(dequantize_nf4(t)[e], ref)
+        assert torch.equal(dequantize_fast(t, torch.float32)[e], ref)
