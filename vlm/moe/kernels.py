@@ -70,7 +70,7 @@ def moe_nt_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(row_pair_ptr + rows)
     valid = pair < num_pairs
-    if A_GATHER:
+    if A_GATHER:  # noqa: SIM108  (a constexpr branch, resolved at compile time)
         arow = tl.load(row_token_ptr + rows)
     else:
         arow = rows
@@ -140,7 +140,7 @@ def moe_nn_kernel(
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     valid = tl.load(row_pair_ptr + rows) < num_pairs
-    if A_GATHER:
+    if A_GATHER:  # noqa: SIM108  (a constexpr branch, resolved at compile time)
         arow = tl.load(row_token_ptr + rows)
     else:
         arow = rows
