@@ -91,9 +91,13 @@ class DecodeWorker:
             start_new_session=True,  # Ctrl-C goes to the parent, which then ends the worker itself
         )
         self.buf.clear()
-        head = json.loads(self._read_line(time.monotonic() + STARTUP_TIMEOUT_S))
-        if not head.get("ready"):
-            raise _WorkerDied(f"decode worker did not start: {head}")
+        try:
+            head = json.loads(self._read_line(time.monotonic() + STARTUP_TIMEOUT_S))
+            if not head.get("ready"):
+                raise _WorkerDied(f"unexpected greeting {head}")
+        except (TimeoutError, _WorkerDied, ValueError) as e:
+            self.stop()
+            raise _WorkerDied(f"decode worker failed to start ({e or 'no answer'})") from None
 
     def stop(self) -> None:
         """Kill and reap the worker (it holds no state worth a graceful exit)."""
@@ -118,7 +122,9 @@ class DecodeWorker:
     def _fill(self, deadline: float) -> None:
         fd = self.proc.stdout.fileno()
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        poller = select.poll()  # poll, not select: select fails on fd numbers >= 1024 (busy trainers)
+        poller.register(fd, select.POLLIN)
+        if left <= 0 or not poller.poll(left * 1000):
             raise TimeoutError
         chunk = os.read(fd, 1 << 20)
         if not chunk:
@@ -158,8 +164,10 @@ class DecodeWorker:
                     data = self._read_exact(int(np.prod(shape)), deadline)
                     frames = np.frombuffer(data, dtype=np.uint8).reshape(shape)  # (T, H, W, 3)
                 return head, frames
-            except (TimeoutError, _WorkerDied, BrokenPipeError):
-                self.stop()  # a hung or dead worker is never reused
+            except BaseException:
+                # A hung, dead or interrupted (Ctrl-C mid-answer) worker is never reused: its pipe
+                # may hold half an answer.
+                self.stop()
                 raise
 
 

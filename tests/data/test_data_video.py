@@ -186,3 +186,14 @@ def test_frames_writable_uint8(videos):
     s = sample_frames(videos["cfr16"], num_frames=3, size=(16, 24))
     assert s.frames.dtype == np.uint8 or str(s.frames.dtype) == "torch.uint8"
     s.frames[0, 0, 0, 0] = 1  # a writable tensor (not a read-only view of the pipe buffer)
+
+
+def test_worker_that_cannot_start_is_a_clear_error(videos, monkeypatch):
+    monkeypatch.setattr(
+        video, "WORKER_ARGV", [sys.executable, "-c", "import sys; sys.exit('no decoder here')"]
+    )
+    t0 = time.monotonic()
+    with pytest.raises(VideoDecodeError, match=r"failed to start .*exit 1; no decoder here"):
+        sample_frames(videos["cfr16"], timeout_s=TIMEOUT)
+    assert time.monotonic() - t0 < TIMEOUT
+    assert video._worker().proc is None
