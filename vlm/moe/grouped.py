@@ -3,8 +3,9 @@
 `grouped_mm(a, b, offs)` multiplies the rows of `a (P, K)` that belong to expert e (rows
 `offs[e-1]:offs[e]`) by `b[e] (K, N)`. It uses `torch._grouped_mm` where that kernel accepts the
 operands (CPU with 16-byte aligned strides; CUDA with bf16) and otherwise scatters the rows into a
-capacity-padded `(E, C, K)` batch and calls `bmm` (one host sync for C). On this project's CPU
-measurement `_grouped_mm` beat padded `bmm` once padding waste is counted (see bench/moe.py).
+capacity-padded `(E, C, K)` batch and calls `bmm` (one host sync for C). bench/moe.py times both:
+single-threaded on the shared 2-core CPU `_grouped_mm` was 1.2-1.5x faster than padded `bmm` (which
+also wastes FLOPs when routing is unbalanced), so it is the default.
 
 `GroupedMM` makes the product differentiable in both operands (the LoRA factors need weight
 gradients); torch's own autograd formula for `_grouped_mm` is not usable on CPU in torch 2.13.
@@ -22,8 +23,13 @@ def _aligned(t: torch.Tensor) -> bool:
     )
 
 
+# "native": torch._grouped_mm where it accepts the operands; "bmm": always the padded-bmm fallback
+# (bench/moe.py times both).
+PREFER = "native"
+
+
 def _native_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or a.dtype != b.dtype:
+    if PREFER != "native" or not hasattr(torch, "_grouped_mm") or a.dtype != b.dtype:
         return False
     if a.device.type == "cuda" and a.dtype != torch.bfloat16:
         return False

@@ -1,0 +1,242 @@
+"""Benchmark: one Qwen3-MoE experts layer, our NF4 path vs transformers' `eager` and `grouped_mm`.
+
+    python -m bench.moe                 (make bench)
+
+CPU part, scaled layer E=128, top-8, H=512, I=192, T=2048 tokens, random softmax-top-8 routing:
+- ours:        `FusedMoeExperts` PyTorch path (NF4 de-quantized per call, grouped products over sorted
+               rows; `torch._grouped_mm`), and the same with capacity-padded `bmm` instead;
+- eager:       transformers' `Qwen3MoeExperts` with `experts_implementation="eager"` (loop over experts);
+- grouped_mm:  the same module with `experts_implementation="grouped_mm"`.
+The transformers modules hold our de-quantized weights in the compute dtype and are frozen (QLoRA:
+only the input gradient is needed), so every row does the same math; ours additionally de-quantizes
+its NF4 experts on every call (twice with backward: it keeps no 16-bit copy). Forward runs under
+no_grad; forward+backward back-propagates into the hidden states and the routing weights. Rows are
+interleaved, repeated, and the median is reported, because this machine is shared and noisy.
+
+Memory: bytes of one Qwen3-30B-A3B layer's NF4 experts (`expert_bytes`) and x48 layers.
+GPU: at the real layer shape (E=128, H=2048, I=768), tokens/s of the Triton path vs eager vs grouped_mm
+with bf16 weights, only when CUDA is present; otherwise the results say it was not measured.
+Writes bench/results/moe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+from vlm.moe import FusedMoeExperts, expert_bytes
+from vlm.moe import grouped as grouped_ops
+
+RESULTS = Path(__file__).resolve().parent / "results" / "moe.json"
+REAL = {"num_experts": 128, "hidden": 2048, "intermediate": 768, "layers": 48, "top_k": 8}
+
+
+def build(e: int, h: int, i: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """(fused, eager-config, eager module) with the eager weights = our de-quantized NF4 weights."""
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(hidden_size=h, moe_intermediate_size=i, num_experts=e)
+    ref = Qwen3MoeExperts(cfg).to(device)
+    with torch.no_grad():
+        ref.gate_up_proj.normal_(0, h**-0.5)
+        ref.down_proj.normal_(0, i**-0.5)
+    fused = FusedMoeExperts.from_experts(ref, backend="auto")
+    gu, dn = fused.dequantized(dtype)
+    ref.gate_up_proj.data, ref.down_proj.data = gu, dn
+    ref.requires_grad_(False)
+    return fused, cfg, ref
+
+
+def routing(t: int, e: int, k: int, dtype: torch.dtype, device: str):
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(1)).to(device)
+    w, idx = logits.softmax(-1).topk(k, dim=-1)
+    return idx, (w / w.sum(-1, keepdim=True)).to(dtype)
+
+
+def make_runs(fused, cfg, ref, x, idx, w):
+    """name -> (forward fn, forward+backward fn)."""
+
+    def eager_like(impl: str):
+        def run(backward: bool):
+            cfg._experts_implementation = impl
+            return _step(ref, x, idx, w, backward)
+
+        return run
+
+    def ours(prefer: str):
+        def run(backward: bool):
+            grouped_ops.PREFER = prefer
+            try:
+                return _step(fused, x, idx, w, backward)
+            finally:
+                grouped_ops.PREFER = "native"
+
+        return run
+
+    return {
+        "ours (NF4, grouped_mm)": ours("native"),
+        "ours (NF4, padded bmm)": ours("bmm"),
+        "transformers eager": eager_like("eager"),
+        "transformers grouped_mm": eager_like("grouped_mm"),
+    }
+
+
+def _step(module, x, idx, w, backward: bool):
+    if not backward:
+        with torch.no_grad():
+            return module(x, idx, w)
+    xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+    out = module(xg, idx, wg)
+    out.backward(torch.ones_like(out))
+    return xg.grad
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_interleaved(runs: dict, backward: bool, repeats: int, warmup: int = 1) -> dict[str, float]:
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn(backward)
+    samples: dict[str, list[float]] = {n: [] for n in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            _sync()
+            t0 = time.perf_counter()
+            fn(backward)
+            _sync()
+            samples[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) * 1e3 for n, v in samples.items()}
+
+
+def cpu_part(dtypes: list[torch.dtype], repeats: int, t: int) -> dict:
+    e, k, h, i = 128, 8, 512, 192
+    out: dict = {"shape": {"num_experts": e, "top_k": k, "hidden": h, "intermediate": i, "tokens": t}}
+    for dtype in dtypes:
+        fused, cfg, ref = build(e, h, i, dtype, "cpu")
+        idx, w = routing(t, e, k, dtype, "cpu")
+        x = torch.randn(t, h, dtype=dtype)
+        runs = make_runs(fused, cfg, ref, x, idx, w)
+        ours = runs["ours (NF4, grouped_mm)"](False)
+        cfg._experts_implementation = "eager"
+        with torch.no_grad():
+            err = (ours.float() - ref(x, idx, w).float()).abs().max().item()
+        rows = {}
+        for mode, bwd in (("forward", False), ("forward+backward", True)):
+            ms = time_interleaved(runs, bwd, repeats)
+            rows[mode] = {
+                n: {"ms": round(v, 2), "eager_over_this": round(ms["transformers eager"] / v, 2)}
+                for n, v in ms.items()
+            }
+        ours_ratio = [rows[m]["ours (NF4, grouped_mm)"]["eager_over_this"] for m in rows]
+        out[str(dtype).removeprefix("torch.")] = {
+            "max_abs_diff_vs_eager": err,
+            "timings": rows,
+            "target_3x_eager_met": min(ours_ratio) >= 3.0,
+        }
+    return out
+
+
+def gpu_part(repeats: int) -> dict:
+    if not torch.cuda.is_available():
+        return {"status": "not measured: no GPU lent in this session"}
+    e, h, i, k = REAL["num_experts"], REAL["hidden"], REAL["intermediate"], REAL["top_k"]
+    fused, cfg, ref = build(e, h, i, torch.bfloat16, "cuda")
+    res: dict = {"device": torch.cuda.get_device_name(), "shape": dict(REAL, tokens=[])}
+    for t in (2048, 8192):
+        idx, w = routing(t, e, k, torch.bfloat16, "cuda")
+        x = torch.randn(t, h, dtype=torch.bfloat16, device="cuda")
+        runs = make_runs(fused, cfg, ref, x, idx, w)
+        runs.pop("ours (NF4, padded bmm)")
+        runs["ours (NF4, Triton)"] = runs.pop("ours (NF4, grouped_mm)")
+        for mode, bwd in (("forward", False), ("forward+backward", True)):
+            ms = time_interleaved(runs, bwd, repeats)
+            res[f"T={t} {mode}"] = {
+                n: {"ms": round(v, 3), "tokens_per_s": round(t / v * 1e3)} for n, v in ms.items()
+            }
+    return res
+
+
+def machine() -> dict:
+    with open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def memory() -> dict:
+    per_layer = expert_bytes(REAL["num_experts"], REAL["hidden"], REAL["intermediate"])
+    params = REAL["num_experts"] * 3 * REAL["hidden"] * REAL["intermediate"]
+    return {
+        "nf4_bytes_per_layer": per_layer,
+        "nf4_bytes_48_layers": per_layer * REAL["layers"],
+        "bytes_per_param": round(per_layer / params, 4),
+        "bf16_bytes_48_layers": 2 * params * REAL["layers"],
+        "budget_bytes": 17_000_000_000,
+        "within_budget": per_layer * REAL["layers"] <= 17e9,
+    }
+
+
+def print_table(cpu: dict) -> None:
+    for dt, block in cpu.items():
+        if dt == "shape":
+            continue
+        print(f"\nCPU, {dt}, max |ours - eager| = {block['max_abs_diff_vs_eager']:.2e}")
+        print(f"{'implementation':28s} {'fwd ms':>9s} {'eager/x':>8s} {'fwd+bwd ms':>11s} {'eager/x':>8s}")
+        f, fb = block["timings"]["forward"], block["timings"]["forward+backward"]
+        for n in f:
+            print(
+                f"{n:28s} {f[n]['ms']:9.1f} {f[n]['eager_over_this']:8.2f} {fb[n]['ms']:11.1f} {fb[n]['eager_over_this']:8.2f}"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    result = {"machine": machine(), "cpu": cpu_part(dtypes, args.repeats, args.tokens)}
+    result["machine"]["load_avg_at_end"] = os.getloadavg()
+    result["note"] = (
+        "CPU shared with other jobs during the run (see load averages): absolute times are inflated and "
+        "noisy; only the side-by-side ratios of one run are meaningful."
+    )
+    result["memory"] = memory()
+    result["gpu"] = gpu_part(args.repeats)
+    print_table(result["cpu"])
+    mem = result["memory"]
+    print(
+        f"\nmemory: one real layer's NF4 experts {mem['nf4_bytes_per_layer'] / 1e6:.1f} MB, x48 = "
+        f"{mem['nf4_bytes_48_layers'] / 1e9:.2f} GB ({mem['bytes_per_param']} B/param; bf16: "
+        f"{mem['bf16_bytes_48_layers'] / 1e9:.1f} GB)"
+    )
+    print(f"gpu: {result['gpu'].get('status', 'measured')}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
