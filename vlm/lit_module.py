@@ -22,13 +22,19 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 class CaptionModule(L.LightningModule):
     def __init__(
-        self, vlm: VLM, train_cfg: Any, config: dict[str, Any] | None = None, max_new_tokens: int = 48
+        self,
+        vlm: VLM,
+        train_cfg: Any,
+        config: dict[str, Any] | None = None,
+        max_new_tokens: int = 48,
+        blind: bool = False,
     ) -> None:
         super().__init__()
         self.vlm = vlm
         self.tcfg = train_cfg
         self.config = config or {}  # the resolved run config, stored in every checkpoint
         self.max_new_tokens = max_new_tokens
+        self.blind = bool(blind)
         self.strict_loading = False  # checkpoints hold only the trained parameters
         self._val_preds: dict[str, str] = {}
         self._val_refs: dict[str, list[str]] = {}
@@ -37,8 +43,17 @@ class CaptionModule(L.LightningModule):
         return {n for n, p in self.named_parameters() if p.requires_grad}
 
     def _feats(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.blind:  # control run: what the encoder makes of all-zero frames, for every video
+            return self.blind_feats(batch).to(self.vlm.projector.fc1.weight.dtype)
         feats = batch["feats"] if "feats" in batch else self.vlm.encode(batch["frames"])
         return feats.to(self.vlm.projector.fc1.weight.dtype)
+
+    def blind_feats(self, batch: dict[str, Any]) -> torch.Tensor:
+        x = batch["feats"] if "feats" in batch else batch["frames"]
+        t = x.shape[1]
+        size = self.vlm.vision.image_size
+        zeros = torch.zeros(1, t, size[0], size[1], 3, dtype=torch.uint8, device=x.device)
+        return self.vlm.encode(zeros).expand(x.shape[0], -1, -1, -1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.vlm.loss(self._feats(batch), batch["caption"])

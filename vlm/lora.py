@@ -15,6 +15,21 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False))
 
 
+def linear_targets(model: nn.Module, names: list[str]) -> list[str]:
+    """Full names of the Linear (or 4-bit Linear) modules whose last name part is in `names`.
+
+    In Qwen3-MoE the experts' gate/up/down are 3D parameters, not Linear modules; peft would try
+    to wrap them as parameters, which the fused MoE path handles with its own expert LoRA instead.
+    """
+    import bitsandbytes as bnb
+
+    linear = (nn.Linear, bnb.nn.Linear4bit)
+    found = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names and isinstance(m, linear)]
+    if not found:
+        raise ValueError(f"no Linear module named any of {names} in {type(model).__name__}")
+    return found
+
+
 def freeze_decoder(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
     """Stage 1: no decoder weight trains; gradients still flow through it to the projector."""
     model.requires_grad_(False)
@@ -40,7 +55,7 @@ def add_lora(
         r=int(lora_cfg["r"]),
         lora_alpha=int(lora_cfg["alpha"]),
         lora_dropout=float(lora_cfg.get("dropout", 0.0)),
-        target_modules=list(lora_cfg.get("target_modules") or DEFAULT_TARGETS),
+        target_modules=linear_targets(model, list(lora_cfg.get("target_modules") or DEFAULT_TARGETS)),
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -87,7 +87,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_fits(cfg)
     tc = cfg.train
     out = Path(cfg.output_dir)
-    module = CaptionModule(build_vlm(cfg), tc, config=OmegaConf.to_container(cfg, resolve=True))
+    module = CaptionModule(
+        build_vlm(cfg),
+        tc,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        blind=bool(cfg.data.get("blind", False)),
+    )
     if tc.get("init_from") and not tc.get("resume"):
         load_trained(module, tc.init_from)
     train_set, val_set = datasets(cfg, module)

@@ -14,6 +14,7 @@ from typing import Any
 
 import open_clip
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from vlm.decoder import as_dict
@@ -23,10 +24,18 @@ def build_clip(vision_cfg: Mapping[str, Any]) -> nn.Module:
     """The whole open_clip CLIP model (text tower included, for optional contrastive warm-up)."""
     cfg = as_dict(vision_cfg)
     if cfg.get("arch"):
-        return open_clip.create_model(cfg["arch"], pretrained=cfg.get("pretrained"))
-    torch.manual_seed(cfg.get("init_seed", 0))
-    mc = cfg["model_cfg"]
-    return open_clip.CLIP(embed_dim=mc["embed_dim"], vision_cfg=mc["vision_cfg"], text_cfg=mc["text_cfg"])
+        model = open_clip.create_model(
+            cfg["arch"], pretrained=None if cfg.get("weights") else cfg.get("pretrained")
+        )
+    else:
+        torch.manual_seed(cfg.get("init_seed", 0))
+        mc = cfg["model_cfg"]
+        model = open_clip.CLIP(
+            embed_dim=mc["embed_dim"], vision_cfg=mc["vision_cfg"], text_cfg=mc["text_cfg"]
+        )
+    if cfg.get("weights"):  # a local safetensors state dict of the whole CLIP model (e.g. a warm-up)
+        model.load_state_dict(load_file(cfg["weights"]), strict=True)
+    return model
 
 
 class VisionEncoder(nn.Module):
@@ -82,9 +91,11 @@ def build_vision(vision_cfg: Mapping[str, Any], clip: nn.Module | None = None) -
     """The encoder a vision config describes; pass `clip` to reuse an already built (warmed) model."""
     cfg = as_dict(vision_cfg)
     clip = clip if clip is not None else build_clip(cfg)
-    key_src = {k: cfg.get(k) for k in ("arch", "pretrained", "image_size", "model_cfg", "init_seed")}
+    key_src = {
+        k: cfg.get(k) for k in ("arch", "pretrained", "image_size", "model_cfg", "init_seed", "weights")
+    }
     key_src["feature_layer"] = cfg.get("feature_layer", -1)
-    if not cfg.get("arch"):  # random weights: the key must change when the weights do
+    if not cfg.get("arch") or cfg.get("weights"):  # local weights: the key must change when they do
         key_src["weights"] = hashlib.sha256(
             b"".join(p.detach().float().numpy().tobytes()[:4096] for p in clip.visual.parameters())
         ).hexdigest()[:16]

@@ -14,8 +14,8 @@ from vlm.training import train
 
 def losses(out_dir: Path) -> dict[int, float]:
     """step -> train/loss from the CSV logger."""
-    rows = csv.DictReader(open(next((out_dir / "csv").glob("version_*/metrics.csv"))))
-    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    with open(next((out_dir / "csv").glob("version_*/metrics.csv"))) as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
 def test_loss_falls_over_30_steps(tiny_cfg):
@@ -66,7 +66,7 @@ def test_checkpoint_holds_only_trained_weights_and_stage2_starts_from_stage1(tin
 
 def test_init_from_mismatched_checkpoint_names_both_shapes(tiny_cfg, tmp_path):
     s1 = train(tiny_cfg("train=stage1_projector", "train.max_steps=1", f"output_dir={tmp_path / 'a'}"))
-    with pytest.raises(ValueError, match="has shape .* this model expects"):
+    with pytest.raises(ValueError, match=r"has shape .* this model expects"):
         train(
             tiny_cfg(
                 "projector.hidden_mult=2",
