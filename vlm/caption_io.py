@@ -162,8 +162,9 @@ def srt_time(seconds: float) -> str:
 
 
 def srt_text(segments: list[dict[str, Any]]) -> str:
+    """Numbered cues; a caption's line breaks become spaces (a blank line would end the cue)."""
     blocks = [
-        f"{i}\n{srt_time(s['start'])} --> {srt_time(s['end'])}\n{s['caption'] or '…'}\n"
+        f"{i}\n{srt_time(s['start'])} --> {srt_time(s['end'])}\n{' '.join((s['caption'] or '').split()) or '…'}\n"
         for i, s in enumerate(segments, 1)
     ]
     return "\n".join(blocks)

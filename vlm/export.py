@@ -177,11 +177,14 @@ def export(
         adapter = None
         if lora_state:
             lc = tc["lora_cfg"]
+            # the exact modules training wrapped (full names, as vlm.lora does): never a 3D MoE expert
+            # parameter that a short name like "down_proj" could also reach
+            modules = sorted({k[len("base_model.model.") :].split(".lora_")[0] for k in lora_state})
             lcfg = LoraConfig(
                 r=int(lc["r"]),
                 lora_alpha=int(lc["alpha"]),
                 lora_dropout=float(lc.get("dropout", 0.0)),
-                target_modules=sorted({k.split(".lora_")[0].rsplit(".", 1)[1] for k in lora_state}),
+                target_modules=modules,
                 bias="none",
                 task_type="CAUSAL_LM",
                 base_model_name_or_path=base,
@@ -195,7 +198,7 @@ def export(
                 "path": "adapter",
                 "r": lcfg.r,
                 "lora_alpha": lcfg.lora_alpha,
-                "target_modules": sorted(lcfg.target_modules),
+                "target_modules": sorted({m.rsplit(".", 1)[1] for m in modules}),  # short names, for people
             }
         save_file(proj_state, tmp / "projector.safetensors", metadata={"format": "pt"})
         vis_state = _vision_state(cfg["vision"])

@@ -85,7 +85,11 @@ def test_files_are_safetensors_json_markdown_with_stock_adapter_config(exported,
     assert ac["peft_type"] == "LORA" and ac["task_type"] == "CAUSAL_LM"
     assert ac["base_model_name_or_path"] == str(tiny_base_dir(cfg["model"]))  # the real (fp32) base
     assert (ac["r"], ac["lora_alpha"]) == (4, 16)
-    assert sorted(ac["target_modules"]) == sorted(cfg["train"]["lora_cfg"]["target_modules"])
+    # full module names (as training wrapped them): 2 layers x the 7 configured projections
+    assert len(ac["target_modules"]) == 14
+    assert {m.rsplit(".", 1)[1] for m in ac["target_modules"]} == set(
+        cfg["train"]["lora_cfg"]["target_modules"]
+    )
     with safe_open(str(exported / "adapter" / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
     # peft's saved names: no adapter name; 2 layers x 7 modules x (A, B)
