@@ -78,6 +78,27 @@ def _caption(module: Any, val_set: Any, batch_size: int, max_new_tokens: int) ->
     return preds
 
 
+def _caption_from_export(
+    cfg: DictConfig, checkpoint: str, root: Path, out: Path, run: Path
+) -> dict[str, str]:
+    """`python -m vlm.export` then `python -m vlm.caption` on the val folder, as a user would."""
+    from vlm.caption import caption_folder
+    from vlm.export import export
+
+    export_dir = export(checkpoint, out / "export", overwrite=True)
+    captions = run / "captions.jsonl"
+    captions.unlink(missing_ok=True)  # a fresh model: no resume from an older run's lines
+    summary = caption_folder(
+        root / "videos" / "val", captions, export_dir, batch_size=int(cfg.caption.batch_size),
+        num_workers=0, progress=False,
+        **{"generation.max_new_tokens": int(cfg.caption.max_new_tokens), "trainer.precision": "bf16-mixed"},
+    )  # fmt: skip
+    if summary["failed"]:
+        log.warning("%d val videos failed to caption; see %s", summary["failed"], captions)
+    lines = [json.loads(x) for x in captions.read_text().splitlines() if x.strip()]
+    return {f"videos/val/{x['video']}": x["caption"] or "" for x in lines}
+
+
 def run_demo(cfg: DictConfig) -> dict[str, Any]:
     from eval.caption import attribute_accuracy, score_captions
     from vlm.training import datasets, train
@@ -105,19 +126,25 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
         f"train.lr_projector={s2.lr_projector}", f"train.lr_lora={s2.lr_lora}", f"train.lora_cfg.r={s2.r}",
         f"train.lora_cfg.alpha={s2.alpha}"])  # fmt: skip
     r2 = train(cfg2)
-    module = r2["module"]
-    _, val_set = datasets(cfg2, module)
     t_cap = time.time()
-    preds = _caption(module, val_set, int(cfg.caption.batch_size), int(cfg.caption.max_new_tokens))
+    if cfg.control:  # blind: captions from all-zero frames, which the caption CLI cannot feed
+        module = r2["module"]
+        _, val_set = datasets(cfg2, module)
+        preds = _caption(module, val_set, int(cfg.caption.batch_size), int(cfg.caption.max_new_tokens))
+    else:  # the user's path: export the final model, caption the held-out folder from the export
+        preds = _caption_from_export(cfg, r2["last_checkpoint"], root, out, run)
     caption_seconds = time.time() - t_cap
     val = read_annotations(root / "val.jsonl", root)
     refs = {r["rel"]: r["captions"] for r in val}
     attrs = {r["rel"]: r["attributes"] for r in val}
     acc = attribute_accuracy(preds, attrs)
     scores = score_captions(preds, refs, tokenize="morpheme")
-    (run / "captions.jsonl").write_text(
-        "".join(json.dumps({"video": v, "caption": c}, ensure_ascii=False) + "\n" for v, c in preds.items())
-    )
+    if cfg.control:
+        (run / "captions.jsonl").write_text(
+            "".join(
+                json.dumps({"video": v, "caption": c}, ensure_ascii=False) + "\n" for v, c in preds.items()
+            )
+        )
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     result = {
@@ -132,6 +159,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
         "total_seconds": time.time() - t0,
         "warmups": timings["warmups"],
         "n_val": len(preds),
+        "settings": OmegaConf.to_container(cfg, resolve=True),
         "examples": [{"video": v, "caption": c, "reference": refs[v][0]} for v, c in list(preds.items())[:5]],
     }
     if cfg.control:
@@ -139,7 +167,6 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
         report["blind"] = result
     else:
         report.update(result)
-    report["settings"] = OmegaConf.to_container(cfg, resolve=True)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, ensure_ascii=False, indent=2))
     _print_table(report)

@@ -75,7 +75,10 @@ def warm_decoder(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(arch_config(as_dict(model_cfg)), dtype=torch.float32)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # Everything trains, the input embedding included: with it frozen (tried: 160 steps) the
+    # warm-up ran 2x faster but the demo's motion accuracy fell from 0.975 to 0.285.
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     pairs = [(_attribute_words(r["attributes"]), c) for r in records for c in r["captions"]]
     rng = random.Random(seed)
@@ -89,10 +92,10 @@ def warm_decoder(
         loss = F.cross_entropy(logits.float(), labels[:, 1:][keep])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        curve.append(float(loss))
+        curve.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             log.info("decoder warm-up step %d/%d loss %.3f", step, steps, float(loss))
     out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +160,7 @@ def warm_vision(
         loss.backward()
         opt.step()
         sched.step()
-        curve.append(float(loss))
+        curve.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             log.info("vision warm-up step %d/%d CLIP loss %.3f", step, steps, float(loss))
     clip.eval()
