@@ -41,7 +41,10 @@ demo-control: $(STAMP)
 
 bench: $(STAMP)
 	$(RUN) -m bench.decode
+	$(RUN) -m bench.train_step
+	$(RUN) -m bench.caption
 	$(RUN) -m bench.moe
+	$(RUN) -m bench.plan
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

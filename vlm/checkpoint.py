@@ -67,7 +67,13 @@ def save_dir(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
     tmp.mkdir(parents=True)
     save_file(tensors, tmp / "tensors.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, ensure_ascii=False, indent=1))
-    if path.exists():  # replace: move the old one aside first so a crash never leaves neither
+    publish_dir(tmp, path)
+
+
+def publish_dir(tmp: Path, path: Path) -> None:
+    """Rename a finished directory over `path`; an old one is moved aside first, so a crash never
+    leaves neither."""
+    if path.exists():
         old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
         path.rename(old)
         tmp.rename(path)

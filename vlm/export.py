@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlm.checkpoint import publish_dir
 from vlm.export_card import model_card
 from vlm.export_load import (
     FORMAT,
@@ -126,18 +127,6 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished export over `out`; an old one is moved aside first, so a crash never
-    leaves neither."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 # -- export -------------------------------------------------------------------------------------------
 def export(
     checkpoint: str | os.PathLike,
@@ -216,7 +205,7 @@ def export(
         stray = [p for p in tmp.rglob("*") if p.is_file() and p.suffix not in ALLOWED_SUFFIXES]
         if stray:  # e.g. a library that started writing a README.txt or a pickle
             raise RuntimeError(f"export would contain {stray[0].name}; only {ALLOWED_SUFFIXES} are allowed")
-        _publish(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
