@@ -130,11 +130,9 @@ class CachedFeatureDataset(Dataset):
     def __init__(self, records: list[dict[str, Any]], directory: Path) -> None:
         index = load_index(directory)
         self.directory = directory
-        self.items = [
-            (r, index["features"][video_key(r)]["shard"], video_key(r))
-            for r in records
-            if video_key(r) in index["features"]
-        ]
+        keys = [video_key(r) for r in records]  # one stat() per clip
+        feats = index["features"]
+        self.items = [(r, feats[k]["shard"], k) for r, k in zip(records, keys, strict=True) if k in feats]
         skipped = len(records) - len(self.items)
         if skipped:
             log.warning(

@@ -22,6 +22,7 @@ from vlm.build import build_vlm
 from vlm.checkpoint import SafetensorsCheckpointIO, load_dir, read_state
 from vlm.datamodule import CaptionDataModule
 from vlm.lit_module import CaptionModule
+from vlm.plan import check_fits
 
 log = logging.getLogger(__name__)
 
@@ -43,48 +44,32 @@ def load_trained(module: CaptionModule, path: str | Path) -> None:
 
 
 def datasets(cfg: DictConfig, module: CaptionModule) -> tuple[Any, Any]:
-    from data.annotations import read_annotations
-    from data.dataset import VideoCaptionDataset
+    """(train, val) datasets of the `data` group; cached features instead of frames when asked."""
+    from data.dataset import dataset_from_config
 
     d = cfg.data
-    kw = dict(
-        num_frames=int(d.num_frames),
-        size=int(d.image_size),
-        mode=d.sample_mode,
-        fps=d.get("fps"),
-        max_frames=d.get("max_frames"),
-        timeout_s=float(d.decode_timeout_s),
-        max_failed_share=float(d.max_failed_share),
-    )
-    sets = [VideoCaptionDataset(read_annotations(d.train, d.root), **kw)]
-    sets.append(VideoCaptionDataset(read_annotations(d.val, d.root), **kw) if d.get("val") else None)
+    sets = [dataset_from_config(d, "train"), dataset_from_config(d, "val") if d.get("val") else None]
     if not d.get("cache_features"):
         return sets[0], sets[1]
     from vlm.feature_cache import CachedFeatureDataset, build_cache, cache_dir
 
-    sampling = {k: v for k, v in kw.items() if k not in ("timeout_s", "max_failed_share")}
+    # the cache is keyed by what changes the features: sampling, not timeouts or failure policy
+    sampling = {k: v for k, v in sets[0].sample_kw.items() if k != "timeout_s"}
     where = cache_dir(
         d.get("cache_dir") or Path(d.root) / "feature_cache", module.vlm.vision.cache_key, sampling
     )
     out = []
     for ds in sets:
-        if ds is None:
-            out.append(None)
-            continue
-        build_cache(ds, module.vlm.vision, where, batch_size=16, num_workers=int(d.num_workers))
-        out.append(CachedFeatureDataset(ds.records, where))
+        if ds is not None:
+            build_cache(ds, module.vlm.vision, where, batch_size=16, num_workers=int(d.num_workers))
+        out.append(CachedFeatureDataset(ds.records, where) if ds is not None else None)
     return out[0], out[1]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.time()
     L.seed_everything(int(cfg.seed), workers=True)
-    try:
-        from vlm.plan import check_fits
-    except ImportError:  # the planner is optional at this layer
-        check_fits = None
-    if check_fits is not None:
-        check_fits(cfg)
+    check_fits(cfg)  # refuse, before loading a weight, a run the tier's GPU cannot hold
     tc = cfg.train
     out = Path(cfg.output_dir)
     module = CaptionModule(
