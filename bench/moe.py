@@ -3,15 +3,17 @@
     python -m bench.moe                 (make bench)
 
 CPU part, scaled layer E=128, top-8, H=512, I=192, T=2048 tokens, random softmax-top-8 routing:
-- ours:        `FusedMoeExperts` PyTorch path (NF4 de-quantized per call, grouped products over sorted
-               rows; `torch._grouped_mm`), and the same with capacity-padded `bmm` instead;
+- ours:        `FusedMoeExperts` PyTorch path (NF4 de-quantized per call in tiles of experts, grouped
+               products over the sorted rows with `torch._grouped_mm`), and the same with
+               capacity-padded `bmm` inside each tile instead;
 - eager:       transformers' `Qwen3MoeExperts` with `experts_implementation="eager"` (loop over experts);
 - grouped_mm:  the same module with `experts_implementation="grouped_mm"`.
 The transformers modules hold our de-quantized weights in the compute dtype and are frozen (QLoRA:
 only the input gradient is needed), so every row does the same math; ours additionally de-quantizes
 its NF4 experts on every call (twice with backward: it keeps no 16-bit copy). Forward runs under
 no_grad; forward+backward back-propagates into the hidden states and the routing weights. Rows are
-interleaved, repeated, and the median is reported, because this machine is shared and noisy.
+interleaved, repeated, and the median is reported, because this machine is shared and noisy. The CPU
+part runs at 1 thread and at all cores (`--threads 1,all`).
 
 Memory: bytes of one Qwen3-30B-A3B layer's NF4 experts (`expert_bytes`) and x48 layers.
 GPU: at the real layer shape (E=128, H=2048, I=768), tokens/s of the Triton path vs eager vs grouped_mm
@@ -35,6 +37,10 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from vlm.moe import FusedMoeExperts, expert_bytes
 from vlm.moe import grouped as grouped_ops
+from vlm.moe.grouped import grouped_mm
+from vlm.moe.nf4 import dequantize_fast
+from vlm.moe.routing import build_plan
+from vlm.moe.torch_backend import MIN_EXPERTS, TorchBackend
 
 RESULTS = Path(__file__).resolve().parent / "results" / "moe.json"
 REAL = {"num_experts": 128, "hidden": 2048, "intermediate": 768, "layers": 48, "top_k": 8}
@@ -139,12 +145,63 @@ def cpu_part(dtypes: list[torch.dtype], repeats: int, t: int) -> dict:
                 for n, v in ms.items()
             }
         ours_ratio = [rows[m]["ours (NF4, grouped_mm)"]["eager_over_this"] for m in rows]
+        bound = floor(fused, x, idx, repeats)
+        eager = {m: rows[m]["transformers eager"]["ms"] for m in rows}
         out[str(dtype).removeprefix("torch.")] = {
             "max_abs_diff_vs_eager": err,
             "timings": rows,
             "target_3x_eager_met": min(ours_ratio) >= 3.0,
+            "floor_ms": bound,
+            "eager_over_floor": {
+                "forward": round(eager["forward"] / (bound["gemms_forward"] + bound["dequantize"]), 2),
+                "forward+backward": round(
+                    eager["forward+backward"]
+                    / (bound["gemms_forward"] + bound["gemms_backward"] + 2 * bound["dequantize"]),
+                    2,
+                ),
+            },
         }
     return out
+
+
+def floor(fused, x: torch.Tensor, idx: torch.Tensor, repeats: int) -> dict[str, float]:
+    """What no NF4 path built on torch's GEMMs can go under: its per-expert GEMMs plus one de-quantization.
+
+    gemms_forward: the two grouped products of the forward on pre-sorted rows and pre-de-quantized
+    weights (the same per-expert GEMMs every path here runs: eager calls them one by one); gemms_backward:
+    the two input-gradient products; dequantize: both NF4 weights of the layer once, tile by tile
+    (forward+backward de-quantizes twice). Medians of `repeats` runs.
+    """
+    plan = build_plan(idx, fused.num_experts, 1)
+    gu, dn = fused.dequantized(x.dtype)
+    xs, offs = plan.gather_tokens(x), plan.offsets
+    hs = torch.randn(plan.num_rows, gu.shape[1] // 2, dtype=x.dtype)
+    dpre, dys = torch.randn(plan.num_rows, gu.shape[1], dtype=x.dtype), plan.gather_tokens(x)
+    # De-quantized in the PyTorch path's tiles, each dropped at once: a whole layer at once costs more
+    # (page faults on the large buffer), so that would overstate the floor.
+    e, budget = fused.num_experts, TorchBackend().tile_bytes
+    nf4 = (fused.nf4("gate_up_proj"), fused.nf4("down_proj"))
+    tiles = [(t, max(MIN_EXPERTS, budget // (t.shape[1] * t.shape[2] * x.element_size()))) for t in nf4]
+    parts = {
+        "gemms_forward": lambda: (
+            grouped_mm(xs, gu.transpose(1, 2), offs),
+            grouped_mm(hs, dn.transpose(1, 2), offs),
+        ),
+        "gemms_backward": lambda: (grouped_mm(dpre, gu, offs), grouped_mm(dys, dn, offs)),
+        "dequantize": lambda: [
+            dequantize_fast(t.select(e0, e0 + per), x.dtype) for t, per in tiles for e0 in range(0, e, per)
+        ],
+    }
+    res = {}
+    for name, fn in parts.items():
+        fn()
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        res[name] = round(statistics.median(samples) * 1e3, 2)
+    return res
 
 
 def gpu_part(repeats: int) -> dict:
@@ -173,7 +230,6 @@ def machine() -> dict:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "load_avg_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -194,17 +250,23 @@ def memory() -> dict:
     }
 
 
-def print_table(cpu: dict) -> None:
+def print_table(cpu: dict, threads: str) -> None:
     for dt, block in cpu.items():
         if dt == "shape":
             continue
-        print(f"\nCPU, {dt}, max |ours - eager| = {block['max_abs_diff_vs_eager']:.2e}")
+        print(f"\nCPU {threads}, {dt}, max |ours - eager| = {block['max_abs_diff_vs_eager']:.2e}")
         print(f"{'implementation':28s} {'fwd ms':>9s} {'eager/x':>8s} {'fwd+bwd ms':>11s} {'eager/x':>8s}")
         f, fb = block["timings"]["forward"], block["timings"]["forward+backward"]
         for n in f:
             print(
                 f"{n:28s} {f[n]['ms']:9.1f} {f[n]['eager_over_this']:8.2f} {fb[n]['ms']:11.1f} {fb[n]['eager_over_this']:8.2f}"
             )
+        fl, ef = block["floor_ms"], block["eager_over_floor"]
+        print(
+            f"floor (GEMMs + de-quantization only): gemms fwd {fl['gemms_forward']:.1f} ms, bwd "
+            f"{fl['gemms_backward']:.1f} ms, de-quantize {fl['dequantize']:.1f} ms; eager/floor "
+            f"{ef['forward']:.2f} fwd, {ef['forward+backward']:.2f} fwd+bwd"
+        )
 
 
 def main() -> None:
@@ -212,20 +274,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--dtypes", default="bfloat16,float32")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--threads", default="1,all", help="torch CPU thread counts to run, comma-separated")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-    result = {"machine": machine(), "cpu": cpu_part(dtypes, args.repeats, args.tokens)}
+    result: dict = {"machine": machine(), "cpu": {}}
+    for n in args.threads.split(","):
+        threads = (os.cpu_count() or 1) if n == "all" else int(n)
+        torch.set_num_threads(threads)
+        result["cpu"][f"threads={threads}"] = cpu_part(dtypes, args.repeats, args.tokens)
     result["machine"]["load_avg_at_end"] = os.getloadavg()
     result["note"] = (
-        "CPU shared with other jobs during the run (see load averages): absolute times are inflated and "
-        "noisy; only the side-by-side ratios of one run are meaningful."
+        "A shared 2-core VM: absolute times drift by 10-20 % between runs (see the load averages); only "
+        "the side-by-side ratios of one run are meaningful. floor_ms / eager_over_floor: the per-expert "
+        "GEMMs plus the NF4 de-quantization alone, i.e. the best ratio any NF4 path on torch's GEMMs "
+        "could reach against eager here."
     )
     result["memory"] = memory()
     result["gpu"] = gpu_part(args.repeats)
-    print_table(result["cpu"])
+    for threads, block in result["cpu"].items():
+        print_table(block, threads)
     mem = result["memory"]
     print(
         f"\nmemory: one real layer's NF4 experts {mem['nf4_bytes_per_layer'] / 1e6:.1f} MB, x48 = "

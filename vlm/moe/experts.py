@@ -12,8 +12,10 @@ the routing-weight gradient (so the router and, through it, the hidden states ge
 transformers' eager code) and the gradients of the optional per-expert LoRA terms, which enter as
 additive `extra` inputs computed by autograd outside (see `vlm.moe.lora`).
 
-A backend provides four operations (`gate_up`, `down`, `grad_rows`, `block_m`); `TorchBackend` is the
-reference, `vlm.moe.triton_backend.TritonBackend` the fused kernels.
+A backend provides `gate_up`, `down` (combined into token order), `grad_x` (the input gradient of
+gate_up, combined into token order), `grad_h` (dy[token] @ Wd[e] per row) and `block_m`;
+`vlm.moe.torch_backend.TorchBackend` is the reference, `vlm.moe.triton_backend.TritonBackend` the
+fused kernels.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from vlm.moe.grouped import grouped_mm
-from vlm.moe.nf4 import NF4Experts, dequantize_fast
+from vlm.moe.nf4 import NF4Experts
 from vlm.moe.routing import RoutingPlan, build_plan
+from vlm.moe.torch_backend import TorchBackend
+
+__all__ = ["Backend", "TorchBackend", "moe_experts", "silu_mul_backward"]
 
 
 class Backend(Protocol):
@@ -33,7 +37,9 @@ class Backend(Protocol):
 
     def gate_up(
         self, x: torch.Tensor, plan: RoutingPlan, w: NF4Experts, extra: torch.Tensor | None, keep_pre: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h = silu(gate) * up (P, I) and, if asked, pre = [gate | up] (P, 2I)."""
+        ...
 
     def down(
         self,
@@ -42,45 +48,31 @@ class Backend(Protocol):
         w: NF4Experts,
         row_weight: torch.Tensor,
         extra: torch.Tensor | None,
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """sum over each token's k rows of row_weight * (h @ Wd[e]^T + extra): (T, H)."""
+        ...
 
-    def grad_rows(self, a: torch.Tensor, plan: RoutingPlan, w: NF4Experts, gather: bool) -> torch.Tensor: ...
+    def grad_x(self, dpre: torch.Tensor, plan: RoutingPlan, w: NF4Experts) -> torch.Tensor:
+        """sum over each token's k rows of dpre @ Wgu[e]: (T, H)."""
+        ...
 
-
-class TorchBackend:
-    """Reference path: de-quantize a layer's experts, then grouped products over the sorted rows."""
-
-    block_m = 1  # no padding: rows are exactly the sorted pairs
-
-    def gate_up(self, x, plan, w, extra, keep_pre):
-        wgu = dequantize_fast(w, x.dtype)  # (E, 2I, H)
-        pre = grouped_mm(plan.gather_tokens(x), wgu.transpose(1, 2), plan.offsets)  # (P, 2I)
-        if extra is not None:
-            pre = pre + extra
-        gate, up = pre.chunk(2, dim=-1)
-        return F.silu(gate) * up, (pre if keep_pre else None)  # (P, I)
-
-    def down(self, h, plan, w, row_weight, extra):
-        wd = dequantize_fast(w, h.dtype)  # (E, H, I)
-        y = grouped_mm(h, wd.transpose(1, 2), plan.offsets)  # (P, H)
-        if extra is not None:
-            y = y + extra
-        return plan.rows_to_pairs(y * row_weight[:, None])  # (S, H)
-
-    def grad_rows(self, a, plan, w, gather):
-        wt = dequantize_fast(w, a.dtype)  # (E, N, K): rows @ W[e] maps N-space back to K-space
-        rows = plan.gather_tokens(a) if gather else a
-        return grouped_mm(rows.contiguous(), wt, plan.offsets)  # (P, K)
+    def grad_h(self, dy: torch.Tensor, plan: RoutingPlan, w: NF4Experts) -> torch.Tensor:
+        """dy[token] @ Wd[e] per row: (P, I)."""
+        ...
 
 
 def silu_mul_backward(pre: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
-    """d(silu(g) * u) for pre = [g | u]: returns [dg | du], computed in float32."""
-    gate, up = pre.float().chunk(2, dim=-1)
-    dh = dh.float()
-    sig = torch.sigmoid(gate)
-    dgate = dh * up * sig * (1 + gate * (1 - sig))
-    dup = dh * gate * sig
-    return torch.cat((dgate, dup), dim=-1).to(pre.dtype)
+    """d(silu(g) * u) for pre = [g | u] (R, 2I): returns [dg | du] (R, 2I).
+
+    The same ops, in the same dtype, as autograd's backward of transformers' `act_fn(gate) * up`
+    (dg = silu_backward(dh * u, g), du = dh * silu(g)), written straight into one buffer.
+    """
+    gate, up = pre.chunk(2, dim=-1)
+    out = torch.empty_like(pre)
+    dgate, dup = out.chunk(2, dim=-1)
+    torch.mul(dh, F.silu(gate), out=dup)
+    torch.ops.aten.silu_backward.grad_input(dh * up, gate, grad_input=dgate)
+    return out
 
 
 class _GateUp(torch.autograd.Function):
@@ -98,8 +90,7 @@ class _GateUp(torch.autograd.Function):
         plan, dpre = ctx.plan, silu_mul_backward(pre, dh)  # (P, 2I)
         dx = None
         if ctx.needs_input_grad[0]:
-            rows = ctx.backend.grad_rows(dpre, plan, ctx.w, gather=False)  # (P, H)
-            dx = plan.sum_over_k(rows)  # (T, H)
+            dx = ctx.backend.grad_x(dpre, plan, ctx.w)  # (T, H)
         dextra = dpre if ctx.needs_input_grad[1] else None
         return dx, dextra, None, None, None
 
@@ -108,24 +99,23 @@ class _Down(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, top_k_weights, extra, plan: RoutingPlan, w: NF4Experts, backend: Backend):
         row_weight = plan.pairs_to_rows(top_k_weights.reshape(-1).to(h.dtype))  # (P,) 0 on padding
-        pairs = backend.down(h, plan, w, row_weight, extra)  # (S, H) weighted
         ctx.plan, ctx.w, ctx.backend, ctx.wdtype = plan, w, backend, top_k_weights.dtype
         ctx.save_for_backward(h, row_weight, extra)
-        return pairs.view(plan.num_tokens, plan.top_k, -1).sum(1)  # (T, H)
+        return backend.down(h, plan, w, row_weight, extra)  # (T, H)
 
     @staticmethod
     def backward(ctx, dy):
         h, row_weight, extra = ctx.saved_tensors
         plan, dy = ctx.plan, dy.contiguous()
         # g = dy[token] @ Wd[e]: the gradient of the unweighted expert output w.r.t. h.
-        g = ctx.backend.grad_rows(dy, plan, ctx.w, gather=True)  # (P, I)
-        dh = (g * row_weight[:, None]).to(h.dtype) if ctx.needs_input_grad[0] else None
+        g = ctx.backend.grad_h(dy, plan, ctx.w)  # (P, I)
+        dh = g * row_weight[:, None].to(g.dtype) if ctx.needs_input_grad[0] else None
         dw = dextra = None
         if ctx.needs_input_grad[1]:
             # d w_row = <dy[token], expert output> = <g, h> (+ <dy[token], extra>), no output kept.
-            drow = (g.float() * h.float()).sum(-1)  # (P,)
+            drow = (g * h).sum(-1, dtype=torch.float32)  # (P,) products as eager's autograd rounds them
             if extra is not None:
-                drow = drow + (plan.gather_tokens(dy).float() * extra.float()).sum(-1)
+                drow = drow + (plan.gather_tokens(dy) * extra).sum(-1, dtype=torch.float32)
             dw = plan.rows_to_pairs(drow).view(plan.num_tokens, plan.top_k).to(ctx.wdtype)
         if ctx.needs_input_grad[2]:
             dextra = (plan.gather_tokens(dy) * row_weight[:, None]).to(extra.dtype)

@@ -3,9 +3,9 @@
 `grouped_mm(a, b, offs)` multiplies the rows of `a (P, K)` that belong to expert e (rows
 `offs[e-1]:offs[e]`) by `b[e] (K, N)`. It uses `torch._grouped_mm` where that kernel accepts the
 operands (CPU with 16-byte aligned strides; CUDA with bf16) and otherwise scatters the rows into a
-capacity-padded `(E, C, K)` batch and calls `bmm` (one host sync for C). bench/moe.py times both:
-single-threaded on the shared 2-core CPU `_grouped_mm` was 1.2-1.5x faster than padded `bmm` (which
-also wastes FLOPs when routing is unbalanced), so it is the default.
+capacity-padded `(E, C, K)` batch and calls `bmm` (one host sync for C). bench/moe.py times both
+inside the PyTorch path: on the 2-core CPU `_grouped_mm` was 1.2-1.4x faster single-threaded and
+1.1x with both cores (padded `bmm` also wastes FLOPs when routing is unbalanced), so it is the default.
 
 `GroupedMM` makes the product differentiable in both operands (the LoRA factors need weight
 gradients); torch's own autograd formula for `_grouped_mm` is not usable on CPU in torch 2.13.

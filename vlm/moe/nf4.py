@@ -93,6 +93,14 @@ class NF4Experts:
     def num_experts(self) -> int:
         return self.shape[0]
 
+    def select(self, start: int, end: int) -> NF4Experts:
+        """Experts `start:end` as views (every statistic is per expert, so slicing dim 0 is exact)."""
+        sl = slice(start, end)
+        n = len(range(*sl.indices(self.shape[0])))
+        return NF4Experts(
+            self.q[sl], self.absmax[sl], self.absmax2[sl], self.offset[sl], (n, *self.shape[1:])
+        )
+
 
 def _check_shape(shape: tuple[int, ...]) -> None:
     if len(shape) != 3 or (shape[1] * shape[2]) % BLOCK:
@@ -155,12 +163,13 @@ def quantize_nf4(w: torch.Tensor) -> NF4Experts:
 
 def dequantize_absmax(t: NF4Experts) -> torch.Tensor:
     """Float32 absmax (E, nb): dynamic_code[absmax] * absmax2 + offset, in that order (as bitsandbytes)."""
-    nb = t.absmax.shape[1]
-    code2 = dynamic_code(t.q.device)
-    scale = t.absmax2.repeat_interleave(BLOCK2, dim=1)[:, :nb]  # (E, nb)
-    amax = code2[t.absmax.long()] * scale
-    amax += t.offset[:, None]
-    return amax
+    e, nb = t.absmax.shape
+    amax = dynamic_code(t.q.device).index_select(0, t.absmax.reshape(-1).int()).view(e, nb)
+    pad = -nb % BLOCK2  # the last run of 256 may be short; zero-pad it so every run is a row
+    if pad:
+        amax = torch.nn.functional.pad(amax, (0, pad))
+    amax = (amax.view(e, -1, BLOCK2) * t.absmax2[:, :, None]).view(e, -1)[:, :nb]  # (E, nb)
+    return amax + t.offset[:, None]
 
 
 def dequantize_nf4(

@@ -73,9 +73,15 @@ class TritonBackend:
             IEEE=_ieee(h),
             BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
         )  # fmt: skip
-        return pairs
+        return pairs.view(plan.num_tokens, plan.top_k, hid).sum(1)  # (T, H): no atomics
 
-    def grad_rows(self, a, plan: RoutingPlan, w: NF4Experts, gather: bool):
+    def grad_x(self, dpre, plan: RoutingPlan, w: NF4Experts):
+        return plan.sum_over_k(self._grad_rows(dpre, plan, w, gather=False))  # (T, H)
+
+    def grad_h(self, dy, plan: RoutingPlan, w: NF4Experts):
+        return self._grad_rows(dy, plan, w, gather=True)  # (P, I)
+
+    def _grad_rows(self, a, plan: RoutingPlan, w: NF4Experts, gather: bool):
         a = a.contiguous()
         k_dim, n = w.shape[1], w.shape[2]  # weight [E, K, N]: reduce over its rows
         out = a.new_zeros(plan.num_rows, n)
