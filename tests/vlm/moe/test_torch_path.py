@@ -80,3 +80,23 @@ def test_tiles_without_rows_are_not_dequantized(monkeypatch):
     idx, w = routing(t, e, k, skip=tuple(range(4, e)))  # only experts 0-3 get tokens
     _run(fused, TorchBackend(tile_bytes=1, min_experts=4), torch.randn(t, h), idx, w)
     assert seen == [4, 4, 4, 4]  # forward gate_up + down, backward down + gate_up: the first tile only
+
+
+def test_tiles_with_expert_lora_match_one_tile():
+    e, k, h, i, t = 10, 2, 64, 32, 17
+    fused, _ = make_pair(e, h, i, backend="torch", lora_r=4)
+    with torch.no_grad():  # B starts at zero (a no-op adapter); give it values so the test can fail
+        fused.lora.gate_up_B.normal_(0, 0.1)
+        fused.lora.down_B.normal_(0, 0.1)
+    idx, w = routing(t, e, k, skip=(2, 6))
+    x = torch.randn(t, h)
+    results = []
+    for backend in (TorchBackend(), TorchBackend(tile_bytes=1, min_experts=3)):
+        fused.lora.zero_grad()
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = moe_experts(xg, idx, wg, fused.nf4("gate_up_proj"), fused.nf4("down_proj"), backend, fused.lora)
+        out.square().sum().backward()
+        grads = [p.grad.clone() for p in fused.lora.parameters()]
+        results.append([out.detach(), xg.grad, wg.grad, *grads])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
