@@ -40,7 +40,7 @@ from vlm.moe import grouped as grouped_ops
 from vlm.moe.grouped import grouped_mm
 from vlm.moe.nf4 import dequantize_fast
 from vlm.moe.routing import build_plan
-from vlm.moe.torch_backend import MIN_EXPERTS, TorchBackend
+from vlm.moe.torch_backend import TorchBackend
 
 RESULTS = Path(__file__).resolve().parent / "results" / "moe.json"
 REAL = {"num_experts": 128, "hidden": 2048, "intermediate": 768, "layers": 48, "top_k": 8}
@@ -179,9 +179,9 @@ def floor(fused, x: torch.Tensor, idx: torch.Tensor, repeats: int) -> dict[str, 
     dpre, dys = torch.randn(plan.num_rows, gu.shape[1], dtype=x.dtype), plan.gather_tokens(x)
     # De-quantized in the PyTorch path's tiles, each dropped at once: a whole layer at once costs more
     # (page faults on the large buffer), so that would overstate the floor.
-    e, budget = fused.num_experts, TorchBackend().tile_bytes
+    e, backend = fused.num_experts, TorchBackend()
     nf4 = (fused.nf4("gate_up_proj"), fused.nf4("down_proj"))
-    tiles = [(t, max(MIN_EXPERTS, budget // (t.shape[1] * t.shape[2] * x.element_size()))) for t in nf4]
+    tiles = [(t, backend.experts_per_tile(t, x.dtype)) for t in nf4]
     parts = {
         "gemms_forward": lambda: (
             grouped_mm(xs, gu.transpose(1, 2), offs),

@@ -1,9 +1,10 @@
 """The pure-PyTorch experts path: grouped products over expert-sorted rows, NF4 de-quantized per tile.
 
 It walks the experts in tiles (`tile_bytes` of de-quantized weights, 8 MiB by default, and at least
-`MIN_EXPERTS` experts, so a layer takes at most E/8 iterations at any expert size). Per tile: de-quantize that tile's NF4 weights, gather its rows, one grouped product
-(`torch._grouped_mm`, one GEMM per expert inside torch), and write or accumulate the result. Why tiles
-rather than the whole layer at once:
+`MIN_EXPERTS` experts, so a layer takes at most E/8 iterations at any expert size). Per tile:
+de-quantize that tile's NF4 weights, gather its rows, one grouped product (`torch._grouped_mm`, one
+GEMM per expert inside torch), and write or accumulate the result. Why tiles rather than the whole
+layer at once:
 - memory: the transient 16-bit copy is one tile, not the layer's whole expert stack (1.2 GB per layer
   at Qwen3-30B-A3B's shape; "de-quantize the whole stack every forward" is what we set out to avoid);
 - speed: the tile is consumed from cache right after it is written (at the benchmark shape, single
@@ -47,7 +48,7 @@ class _Combine:
         """Rows r0:r1 (times `scale (r, 1)`, the product rounded in the rows' dtype as eager does)."""
         if self.index_add:
             src = rows.new_empty(rows.shape, dtype=torch.float32)
-            # One pass: computed in the rows' dtype, written widened (same values as (rows*scale).float()).
+            # Computed in the rows' dtype, then widened: the same values as (rows * scale).float().
             if scale is not None:
                 torch.mul(rows, scale, out=src)
             else:
@@ -77,12 +78,14 @@ class TorchBackend:
         use = self.index_add if self.index_add is not None else like.device.type == "cpu"
         return _Combine(plan, dim, like, use)
 
+    def experts_per_tile(self, w: NF4Experts, dtype: torch.dtype) -> int:
+        return max(self.min_experts, self.tile_bytes // (w.shape[1] * w.shape[2] * dtype.itemsize), 1)
+
     def _tiles(
         self, plan: RoutingPlan, w: NF4Experts, dtype: torch.dtype
     ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """(first row, end row, de-quantized tile (e, N, K), run ends relative to the first row (e,))."""
-        e, n, k = w.shape
-        per = max(self.min_experts, self.tile_bytes // (n * k * dtype.itemsize), 1)
+        e, per = w.shape[0], self.experts_per_tile(w, dtype)
         ends = plan.offsets.tolist()  # (E,) host copy: no sync on CPU
         for e0 in range(0, e, per):
             e1 = min(e, e0 + per)
