@@ -4,8 +4,10 @@
 `offs[e-1]:offs[e]`) by `b[e] (K, N)`. It uses `torch._grouped_mm` where that kernel accepts the
 operands (CPU with 16-byte aligned strides; CUDA with bf16) and otherwise scatters the rows into a
 capacity-padded `(E, C, K)` batch and calls `bmm` (one host sync for C). bench/moe.py times both
-inside the PyTorch path: on the 2-core CPU `_grouped_mm` was 1.2-1.4x faster single-threaded and
-1.1x with both cores (padded `bmm` also wastes FLOPs when routing is unbalanced), so it is the default.
+inside the PyTorch path on the 2-core CPU: single-threaded `_grouped_mm` was 1.2-1.5x faster (bf16 and
+fp32); on both cores it was 1.3-1.4x faster in fp32, but in bf16 padded `bmm` was the faster one in
+the last run (51.9 vs 54.2 ms forward, 109.4 vs 123.2 ms forward+backward). Padded `bmm` also wastes FLOPs when routing is unbalanced, so `_grouped_mm` is
+the default.
 
 `GroupedMM` makes the product differentiable in both operands (the LoRA factors need weight
 gradients); torch's own autograd formula for `_grouped_mm` is not usable on CPU in torch 2.13.
