@@ -1,21 +1,20 @@
-"""Training entry point: compose the Hydra config, then hand it to `vlm.training.train`.
+"""Training entry point: compose the Hydra config, then hand it to `vlm.train.run.train`.
 
-python train.py gpu=l4 data=synth train=stage1_projector
-python train.py --cfg job gpu=l4          # show the composed config and exit
+python train.py gpu=l4 data=custom data.root=/videos data.train=/videos/train.jsonl train=stage1_projector
+python train.py gpu=l4 --cfg job          # show the composed config and exit
 """
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+from vlm.util.cli import hydra_cli
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    from vlm.training import train  # imported here so `--cfg job` needs no torch start-up
+def run(cfg) -> int:
+    from vlm.train.run import train  # imported here so `--cfg job` needs no torch start-up
 
     train(cfg)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    hydra_cli("train", run)

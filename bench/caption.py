@@ -36,22 +36,19 @@ SETTINGS = [(1, 0), (1, 2), (8, 0), (8, 2)]  # (batch_size, num_workers)
 
 def build_export(work: Path, n_videos: int) -> tuple[Path, Path]:
     """(export dir, video folder): the synthetic corpus and a one-step stage-2 run exported."""
-    from hydra import compose, initialize_config_dir
-
     from data.synth import generate
+    from vlm.config import compose
     from vlm.export import export
-    from vlm.training import train
+    from vlm.train.run import train
 
     corpus = work / "synth"
     generate(str(corpus), n_train=16, n_val=n_videos, seed=0)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            [f"data.root={corpus}", f"output_dir={work / 'run'}", "data.num_workers=0", "train=stage2_lora",
-             "projector.pool=2", "train.lora_cfg.r=16", "train.lora_cfg.alpha=32", "train.batch_size=4",
-             "train.max_steps=1", "train.val_every_n_steps=1000", "train.checkpoint_every_n_steps=1000",
-             "trainer.enable_progress_bar=false"],
-        )  # fmt: skip
+    cfg = compose(
+        "train",
+        [f"data.root={corpus}", f"output_dir={work / 'run'}", "data.num_workers=0", "train=stage2_lora",
+         "projector.pool=2", "train.lora.r=16", "train.lora.alpha=32", "train.batch_size=4",
+         "train.max_steps=1", "train.val_every_n_steps=1000", "train.checkpoint_every_n_steps=1000", "progress=false"],
+    )  # fmt: skip
     ckpt = train(cfg)["last_checkpoint"]
     return export(ckpt, work / "export"), corpus / "videos" / "val"
 
@@ -90,7 +87,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    from vlm.caption import caption_folder
+    from vlm.infer.run import caption_folder
 
     with tempfile.TemporaryDirectory(prefix="bench-caption-") as tmp:
         work = Path(tmp)

@@ -128,6 +128,7 @@ def guard_overhead(tmp: Path, calls: int) -> dict:
     req = {
         "path": str(clip), "num_frames": 4, "mode": "uniform", "fps": None, "max_frames": None,
         "start": None, "end": None, "width": 0, "height": 0, "threads": 1, "decoders": ["decord", "pyav"],
+        "allow_partial": False,
     }  # fmt: skip
 
     def process_per_call():  # the alternative design: start a decode process for every call

@@ -15,41 +15,36 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hydra import compose, initialize_config_dir
-
+from vlm.config import compose
 from vlm.plan import plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "plan.json"
-MOE_LORA = "train.lora_cfg.target_modules=[q_proj,k_proj,v_proj,o_proj]"  # peft: no dropout on 3D experts
 CASES = {
     f"{tier}/{stage}": [f"gpu={tier}", f"train={stage}"]
-    + ([MOE_LORA] if (tier, stage) == ("h100", "stage2_lora") else [])
     for tier in ("t4", "l4", "a100", "h100")
     for stage in ("stage1_projector", "stage2_lora")
 }
-# 4 videos x (256 visual + 56 prompt + 199 caption + 1) = 2,048 tokens per step, checkpointed
+# 4 videos x (256 visual + 52 prompt + 203 caption + 1) = 2,048 tokens per step, checkpointed
 CASES["h100/moe_fused_2048_tokens/stage2_lora"] = [
     "gpu=h100",
     "train=stage2_lora",
-    MOE_LORA,
     "train.batch_size=4",
     "data.num_frames=16",
-    "plan.caption_tokens=199",
+    "data.max_caption_tokens=203",
 ]
 
 
 def main() -> dict:
     results = {}
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for name, overrides in CASES.items():
-            cfg = compose(config_name="plan", overrides=overrides)
-            plan = plan_memory(cfg)
-            results[name] = {"overrides": overrides, "model": cfg.model.name_or_path, **plan.to_dict()}
-            print(
-                f"{name:<42} {plan.total_gib:7.2f} / {plan.capacity_gib:g} GiB  "
-                f"headroom {plan.headroom:6.1%}  tokens/step {plan.tokens_per_step}"
-            )
+    for name, overrides in CASES.items():
+        cfg = compose("plan", overrides)
+        plan = plan_memory(cfg)
+        results[name] = {"overrides": overrides, "model": cfg.model.name_or_path, **plan.to_dict()}
+        print(
+            f"{name:<42} {plan.total_gib:7.2f} / {plan.capacity_gib:g} GiB  "
+            f"headroom {plan.headroom:6.1%}  tokens/step {plan.tokens_per_step}"
+        )
     report = {
         "what": "planned peak GPU memory per tier and stage (vlm.plan); no measured numbers",
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (planning needs no GPU)",

@@ -39,6 +39,7 @@ class VideoCaptionDataset(Dataset):
         max_frames: int | None = None,
         timeout_s: float = 30.0,
         max_failed_share: float = 0.01,
+        allow_partial: bool = False,
     ) -> None:
         if not records:
             raise ValueError("VideoCaptionDataset needs at least one record")
@@ -46,7 +47,13 @@ class VideoCaptionDataset(Dataset):
             raise ValueError(f"max_failed_share must be in [0, 1), got {max_failed_share}")
         self.records = records
         self.sample_kw = dict(
-            num_frames=num_frames, size=size, mode=mode, fps=fps, max_frames=max_frames, timeout_s=timeout_s
+            num_frames=num_frames,
+            size=size,
+            mode=mode,
+            fps=fps,
+            max_frames=max_frames,
+            timeout_s=timeout_s,
+            allow_partial=allow_partial,
         )
         self.max_failed_share = max_failed_share
         # One flag per record in shared memory: DataLoader workers (forked or spawned) see the same
@@ -85,6 +92,11 @@ class VideoCaptionDataset(Dataset):
                 f"Run `python -m data.check annotations=... root=...` to list them."
             )
 
+    def decode(self, i: int) -> torch.Tensor:
+        """Record i's sampled frames (T, H, W, 3) uint8; raises VideoDecodeError (no stand-in)."""
+        rec = self.records[i]
+        return sample_frames(rec["video"], start=rec["start"], end=rec["end"], **self.sample_kw).frames
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = len(self.records)
         for k in range(n):
@@ -93,37 +105,21 @@ class VideoCaptionDataset(Dataset):
                 continue  # known bad: do not pay its timeout again
             rec = self.records[j]
             try:
-                s = sample_frames(rec["video"], start=rec["start"], end=rec["end"], **self.sample_kw)
+                frames = self.decode(j)
             except VideoDecodeError as e:
                 self._record_failure(j, e)
                 continue
-            item = {"frames": s.frames, "captions": rec["captions"], "video": rec["rel"]}
+            item = {"frames": frames, "captions": rec["captions"], "video": rec["rel"]}
             if "attributes" in rec:
                 item["attributes"] = rec["attributes"]
             return item
         raise TooManyFailedVideos("every video in the dataset failed to decode")
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack frames to (B, T, H, W, 3); keep captions/videos/attributes as per-item lists.
-
-    Needs a fixed T and size across items (mode="uniform" with `size` set); mode="fps" gives
-    clip-dependent T, which a model must take item by item.
-    """
-    out: dict[str, Any] = {
-        "frames": torch.stack([it["frames"] for it in items]),  # (B, T, H, W, 3) uint8
-        "captions": [it["captions"] for it in items],
-        "video": [it["video"] for it in items],
-    }
-    if all("attributes" in it for it in items):
-        out["attributes"] = [it["attributes"] for it in items]
-    return out
-
-
 def dataset_from_config(cfg: Any, split: str = "train") -> VideoCaptionDataset:
-    """Build the dataset for `split` ("train" or "val") from the Hydra `data` group (conf/data/*.yaml)."""
+    """Build the dataset for `split` ("train" or "val") from a typed `data` config (conf/data/*.yaml)."""
     return VideoCaptionDataset.from_file(
-        cfg[split],
+        getattr(cfg, split),
         root=cfg.root,
         num_frames=cfg.num_frames,
         size=cfg.image_size,
@@ -132,4 +128,5 @@ def dataset_from_config(cfg: Any, split: str = "train") -> VideoCaptionDataset:
         max_frames=cfg.max_frames,
         timeout_s=float(cfg.decode_timeout_s),
         max_failed_share=cfg.max_failed_share,
+        allow_partial=cfg.allow_partial,
     )

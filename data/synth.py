@@ -1,9 +1,9 @@
 """Synthetic Korean video corpus: one large coloured shape moving across a dark background.
 
-    python -m data.synth out=outputs/synth n_train=800 n_val=200 seed=0
+    python -m data.synth output=outputs/synth n_train=800 n_val=200 seed=0
 
-writes `out/videos/{train,val}/NNNNNN.mp4` (H.264, yuv420p, 64 px, 2 s at 8 fps by default) and
-`out/train.jsonl`, `out/val.jsonl` with {"video": path relative to out, "caption", "attributes"}.
+writes `output/videos/{train,val}/NNNNNN.mp4` (H.264, yuv420p, 64 px, 2 s at 8 fps by default) and
+`output/train.jsonl`, `output/val.jsonl` with {"video": path relative to output, "caption", "attributes"}.
 
 Designed for the CPU demo, which looks at 4 uniformly sampled 64 px frames:
 - attributes are visually distinct at that size: 4 hues far apart, 3 shapes drawn anti-aliased
@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import av
-import hydra
 import numpy as np
-from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from data.korean import COLORS, MOTIONS, SHAPES, TEMPLATES, VOCAB, make_caption, parse_attributes
+from vlm.util.cli import hydra_cli
+from vlm.util.errors import UsageError
 
 __all__ = ["VOCAB", "generate", "parse_attributes", "render_clip", "write_clip"]
 
@@ -127,17 +127,17 @@ def write_clip(path: Path, frames: np.ndarray, fps: int = 8, crf: int = 20) -> N
 
 
 def _clip_job(job: tuple[str, int, int, str, str, str, int, dict[str, Any]]) -> dict[str, Any]:
-    out, seed, index, split, color, shape_motion, template, opt = job
+    output, seed, index, split, color, shape_motion, template, opt = job
     shape, motion = shape_motion.split("|")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     frames = render_clip(rng, color, shape, motion, size=opt["size"], frames=opt["frames"])
     rel = f"videos/{split}/{index:06d}.mp4"
-    write_clip(Path(out) / rel, frames, fps=opt["fps"], crf=opt["crf"])
+    write_clip(Path(output) / rel, frames, fps=opt["fps"], crf=opt["crf"])
     attributes = {"color": color, "shape": shape, "motion": motion}
     return {"video": rel, "caption": make_caption(color, shape, motion, template), "attributes": attributes}
 
 
-def _jobs(out: str, seed: int, split: str, n: int, opt: dict[str, Any]) -> list[tuple]:
+def _jobs(output: str, seed: int, split: str, n: int, opt: dict[str, Any]) -> list[tuple]:
     """Balanced attribute triples (each of the 48 once per cycle, shuffled) and a template per clip."""
     rng = np.random.default_rng([seed, SPLITS.index(split), 1 << 30])  # separate from the clip streams
     combos = list(itertools.product(COLORS, SHAPES, MOTIONS))
@@ -146,16 +146,16 @@ def _jobs(out: str, seed: int, split: str, n: int, opt: dict[str, Any]) -> list[
         if i % len(combos) == 0:
             order = rng.permutation(len(combos))
         c, s, m = combos[order[i % len(combos)]]
-        jobs.append((out, seed, i, split, c, f"{s}|{m}", int(rng.integers(len(TEMPLATES))), opt))
+        jobs.append((output, seed, i, split, c, f"{s}|{m}", int(rng.integers(len(TEMPLATES))), opt))
     return jobs
 
 
 def generate(
-    out: str | os.PathLike,
+    output: str | os.PathLike,
     n_train: int = 800,
     n_val: int = 200,
     seed: int = 0,
-    size: int = 64,
+    image_size: int = 64,
     fps: int = 8,
     seconds: float = 2.0,
     crf: int = 20,
@@ -163,11 +163,14 @@ def generate(
 ) -> dict[str, Any]:
     """Write the corpus; return {"train": n, "val": n, "seconds": wall time}."""
     t0 = time.perf_counter()
-    out = Path(out)
+    out = Path(output)
     frames = round(seconds * fps)
-    if size < 16 or frames < 4:
-        raise ValueError(f"clips need size >= 16 and >= 4 frames, got size={size}, frames={frames}")
-    opt = {"size": size, "frames": frames, "fps": fps, "crf": crf}
+    if image_size < 16 or frames < 4 or min(n_train, n_val) < 0:
+        raise UsageError(  # a ValueError; the CLI shows it as one line with exit code 2
+            f"clips need image_size >= 16, >= 4 frames (seconds × fps) and n_train, n_val >= 0; got "
+            f"image_size={image_size}, frames={frames}, n_train={n_train}, n_val={n_val}"
+        )
+    opt = {"size": image_size, "frames": frames, "fps": fps, "crf": crf}
     result: dict[str, Any] = {}
     ctx = mp.get_context("spawn")  # children import only numpy/av/PIL: no torch, no fork-after-threads
     pool = ctx.Pool(workers) if workers > 1 else None
@@ -189,13 +192,25 @@ def generate(
     return result
 
 
-@hydra.main(config_path="../conf", config_name="synth", version_base=None)
-def main(cfg: DictConfig) -> None:
+def main_fn(cfg) -> int:
+    """The CLI: write the corpus, print one summary line."""
+    from vlm.config import to_typed
+
+    cfg = to_typed(cfg)
     res = generate(
-        cfg.out, cfg.n_train, cfg.n_val, cfg.seed, cfg.size, cfg.fps, cfg.seconds, cfg.crf, cfg.workers
+        cfg.output,
+        cfg.n_train,
+        cfg.n_val,
+        cfg.seed,
+        cfg.image_size,
+        cfg.fps,
+        cfg.seconds,
+        cfg.crf,
+        cfg.workers,
     )
-    print(f"wrote {res['train']} train + {res['val']} val clips to {cfg.out} in {res['seconds']} s")
+    print(f"wrote {res['train']} train + {res['val']} val clips to {cfg.output} in {res['seconds']} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    hydra_cli("synth", main_fn, "python -m data.synth output=DIR n_train=800 n_val=200 seed=0")

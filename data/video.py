@@ -58,7 +58,8 @@ class SampledFrames:
     timestamps: list[float]  # presentation time in seconds (from the first frame) of each frame
     n_unique: int  # distinct frames among the T (< T when the video or window is shorter than T frames)
     decoder: str  # "decord" (our path) or "pyav" (fallback for files decord refuses)
-    duration_s: float  # length of the whole video in seconds
+    duration_s: float  # length of the whole video in seconds (of its decodable part if `warning`)
+    warning: str | None = None  # set when allow_partial let a truncated file through (names the share)
 
 
 class _WorkerDied(Exception):
@@ -244,6 +245,7 @@ def sample_frames(
     timeout_s: float = 30.0,
     decoders: tuple[str, ...] = ("decord", "pyav"),
     threads: int = 1,
+    allow_partial: bool = False,
 ) -> SampledFrames:
     """Sample frames from a video; raise VideoDecodeError for any file that cannot be sampled.
 
@@ -255,6 +257,11 @@ def sample_frames(
         process is killed and VideoDecodeError is raised.
     decoders: tried in order until one succeeds. threads: decoder threads per call; 1 because
         DataLoader workers already decode in parallel.
+    allow_partial: a truncated file (fewer frames in it than its index promises) is an error
+        ("truncated: 29 of 96 frames decodable (30%)") unless this is set; then its decodable part is
+        sampled (by PyAV), `duration_s` is that part's, and `warning` carries the same line.
+    Frames are upright: a display-matrix rotation (portrait phone clips stored landscape) is applied,
+        and `size` is the size of the upright frame.
     Shorter videos/windows than `num_frames` frames repeat the nearest frames; see `n_unique`.
     """
     check_args(num_frames, mode, fps, max_frames)
@@ -272,6 +279,7 @@ def sample_frames(
         "height": h,
         "threads": threads,
         "decoders": list(decoders),
+        "allow_partial": allow_partial,
     }
     deadline = time.monotonic() + timeout_s
     worker = _worker()
@@ -290,7 +298,7 @@ def sample_frames(
                 raise VideoDecodeError(path, str(e) or "decoder process died") from None
     if not head["ok"]:
         raise VideoDecodeError(path, head["error"])
-    import torch  # here, not at the top: `python -m data.check` then starts without torch (~3 s)
+    import torch  # here, not at the top: `import data.video` stays torch-free (torch takes ~3 s)
 
     return SampledFrames(
         frames=torch.from_numpy(frames),
@@ -299,4 +307,5 @@ def sample_frames(
         n_unique=head["n_unique"],
         decoder=head["decoder"],
         duration_s=head["duration"],
+        warning=head["warning"],
     )

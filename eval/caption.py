@@ -19,7 +19,6 @@ CIDEr-D in [0, 10] (papers print x100), chrF in [0, 100].
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from eval import report
+from vlm.util.errors import UsageError
+from vlm.util.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 TOKENIZERS = ("morpheme", "space", "char")
@@ -126,19 +127,19 @@ def attribute_accuracy(
 
 
 def _jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("video"), str):
-                raise ValueError(f'{path}:{line_no}: expected an object with a "video" path')
-            rows.append((line_no, obj))
-    return rows
+    """(line number, object) of a JSONL file; a damaged line or a missing file is a UsageError naming it."""
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: no such file")
+    contents = read_jsonl(path)
+    if contents.damaged:
+        n, why = contents.damaged[0]
+        raise UsageError(f"{path}:{n}: {why}")
+    if contents.torn:
+        log.warning("%s: ignoring a torn last line (a writer was killed mid-line)", path)
+    for n, obj in contents.records:
+        if not isinstance(obj.get("video"), str):
+            raise UsageError(f'{path}:{n}: expected an object with a "video" path')
+    return contents.records
 
 
 def _norm(p: str) -> str:
@@ -157,7 +158,7 @@ def read_predictions(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
             errors[video] = str(obj["error"])
         caption = obj.get("caption")
         if caption is not None and not isinstance(caption, str):
-            raise ValueError(f'{path}:{line_no}: "caption" must be a string')
+            raise UsageError(f'{path}:{line_no}: "caption" must be a string')
         preds[video] = caption or ""  # reruns append: the last line for a video wins
     return preds, errors
 
@@ -169,7 +170,7 @@ def read_references(path: str | Path) -> tuple[dict[str, list[str]], dict[str, d
     for line_no, obj in _jsonl(path):
         caps = obj.get("captions", [obj["caption"]] if "caption" in obj else None)
         if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
-            raise ValueError(f'{path}:{line_no}: needs a non-empty "caption" or "captions"')
+            raise UsageError(f'{path}:{line_no}: needs a non-empty "caption" or "captions"')
         video = _norm(obj["video"])
         refs.setdefault(video, []).extend(caps)
         if isinstance(obj.get("attributes"), dict):
@@ -220,7 +221,7 @@ def evaluate_files(
     if missing:
         log.warning("%d reference video(s) have no prediction, e.g. %s", len(missing), missing[:3])
     if not pairs:
-        raise ValueError(f"no prediction in {predictions} matches a video in {references}")
+        raise UsageError(f"no prediction in {predictions} matches a video in {references}")
     matched = {r: preds[p] for p, r in pairs.items()}
     result = score_captions(matched, refs, tokenize)
     use_attrs = bool(attrs) if attributes == "auto" else bool(attributes)
@@ -275,24 +276,27 @@ def write_report(result: dict[str, Any], output: str | Path) -> dict[str, Path]:
 
 
 def run(cfg: Any) -> dict[str, Any]:
-    result = evaluate_files(cfg.predictions, cfg.references, cfg.tokenize, cfg.attributes)
+    from vlm.config import to_typed
+
+    cfg = to_typed(cfg)
+    if cfg.tokenize not in TOKENIZERS:
+        raise UsageError(f"tokenize={cfg.tokenize}: expected one of {', '.join(TOKENIZERS)}")
+    if cfg.attributes not in ("auto", "true", "false"):
+        raise UsageError(f"attributes={cfg.attributes}: expected auto, true or false")
+    attributes = cfg.attributes if cfg.attributes == "auto" else cfg.attributes == "true"
+    result = evaluate_files(cfg.predictions, cfg.references, cfg.tokenize, attributes)
     result["files"] = {k: str(v) for k, v in write_report(result, cfg.output).items()}
     return result
 
 
-def _main() -> None:
-    import hydra
-
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
-
-    @hydra.main(config_path=conf, config_name="caption_eval", version_base="1.3")
-    def main(cfg: Any) -> None:
-        result = run(cfg)
-        print(Path(result["files"]["md"]).read_text(encoding="utf-8"))
-        print("wrote " + ", ".join(result["files"].values()))
-
-    main()
+def main(cfg: Any) -> int:
+    result = run(cfg)
+    print(Path(result["files"]["md"]).read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(result["files"].values()))
+    return 0
 
 
 if __name__ == "__main__":
-    _main()
+    from vlm.util.cli import hydra_cli
+
+    hydra_cli("caption_eval", main, "python -m eval.caption predictions=CAPTIONS.jsonl references=REFS.jsonl")

@@ -1,187 +1,72 @@
-"""KMMLU (Korean MMLU) on the decoder alone, agreeing with lm-evaluation-harness's `kmmlu` task.
+"""KMMLU (Korean MMLU) on the decoder alone, run by lm-evaluation-harness itself.
 
-    python -m eval.kmmlu data_dir=DIR model=qwen3_4b num_fewshot=5 mode=loglik
-    python -m eval.kmmlu data_dir=DIR model.name_or_path=DIR model.quantize=none adapter=LORA_DIR
+    python -m eval.kmmlu gpu=l4 data_dir=DIR
+    python -m eval.kmmlu model.name_or_path=DIR model.quantize=none adapter=LORA_DIR data_dir=DIR mode=generate
 
-`loglik`: the answer is the continuation among " A", " B", " C", " D" with the highest log-likelihood,
-tokenized as lm-eval's HFLM does (`_encode_pair`: encode context+continuation, split at the length of the
-encoded context; left-truncate to the model's max length). `generate`: greedy decoding, the first A-D
-letter of the output. Reports accuracy per subject, per category and overall, macro (mean of subjects,
-as the KMMLU paper) and micro (pooled questions, as lm-eval's groups), in JSON, Markdown and a PNG.
+The decoder is loaded as training loads it (NF4 included, plus an optional LoRA adapter) and handed to
+lm-eval's `HFLM`; `lm_eval.simple_evaluate` runs lm-eval's own `kmmlu` task (`mode=loglik`: best of
+A-D by log-likelihood) or `kmmlu_direct` (`mode=generate`: greedy, exact match), so prompt, few-shot
+draws, tokenization and scoring are lm-eval's (task files: eval/kmmlu_tasks.py). From lm-eval's
+per-sample records we report accuracy per subject, per category and overall, macro (mean of subject
+accuracies, the KMMLU paper's) and micro (pooled questions, lm-eval's group aggregation), as JSON,
+Markdown and a PNG.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import string
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from eval import report
-from eval.kmmlu_data import (
-    CATEGORIES,
-    CHOICES,
-    FEWSHOT_SEED,
-    HUB_REPO,
-    TARGET_DELIMITER,
-    category_of,
-    fewshot_contexts,
-    load_subject,
-    subjects_in,
-)
+from eval.kmmlu_tasks import CATEGORIES, FAMILIES, category_of, check_subjects, lm_eval_tasks
+from vlm.config import to_typed
+from vlm.config.entries import KmmluEntry
+from vlm.util.errors import UsageError
 
-log = logging.getLogger(__name__)
+CHOICES = ("A", "B", "C", "D")
 CATEGORY_COLORS = {"STEM": "#4C72B0", "Applied Science": "#55A868", "HUMSS": "#C44E52", "Other": "#8172B2"}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # never a pickled adapter_model.bin
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval HFLM `_encode_pair` for causal models: trailing context spaces move to the continuation,
-    the continuation's ids are the tail of encode(context + continuation) after len(encode(context))."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
-    return ctx, whole[len(ctx) :]
+def _letter(sample: Mapping[str, Any]) -> tuple[str, str]:
+    """(predicted, gold) letter of one lm-eval record; "-" when a generation is not one letter."""
+    target = sample["target"]
+    gold = CHOICES[target] if isinstance(target, int) else str(target)
+    resps = sample["filtered_resps"]
+    if "acc" in sample:  # multiple_choice: [(loglik, is_greedy)] per choice; np.argmax keeps the first tie
+        lls = [r[0] for r in resps]
+        return CHOICES[max(range(len(lls)), key=lambda j: (lls[j], -j))], gold
+    # generate_until: normalized as kmmlu_direct's exact_match is (spaces, case, punctuation ignored)
+    text = resps[0].replace(" ", "").translate(str.maketrans("", "", string.punctuation)).upper()
+    return (text if text in CHOICES else "-"), gold
 
 
-def default_max_length(model: Any, tokenizer: Any) -> int:
-    """lm-eval HFLM's max_length: the model config's context size, else the tokenizer's, else 2048."""
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        if getattr(model.config, attr, None):
-            return int(getattr(model.config, attr))
-    ml = getattr(tokenizer, "model_max_length", None)
-    return int(ml) if ml and ml < 10**12 else 2048
-
-
-def _backbone_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(transformer body returning hidden states, lm_head); through a PEFT wrapper when there is one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
-
-
-@torch.no_grad()
-def loglikelihoods(
-    model: Any,
-    tokenizer: Any,
-    requests: Sequence[tuple[str, str]],
-    batch_size: int = 8,
-    max_length: int | None = None,
-) -> list[float]:
-    """Sum of log p(continuation | context) for each (context, continuation), as lm-eval computes it.
-
-    Requests whose model input is identical (one-token continuations of one context: the four answer
-    letters) share one row. The transformer body runs over padded rows; the 151,936-wide head is
-    applied only at the positions that predict continuation tokens.
-    """
-    max_length = max_length or default_max_length(model, tokenizer)
-    rows: dict[tuple[int, ...], int] = {}
-    reqs: list[tuple[int, list[int], list[int]]] = []  # (row, positions in row, target ids)
-    for context, continuation in requests:
-        ctx, cont = encode_pair(tokenizer, context, continuation)
-        if not cont or len(cont) > max_length:
-            raise ValueError(
-                f"continuation {continuation!r} encodes to {len(cont)} tokens (max {max_length})"
-            )
-        inp = tuple((ctx + cont)[-(max_length + 1) :][:-1])  # lm-eval: left-truncate, drop the last token
-        row = rows.setdefault(inp, len(rows))
-        reqs.append((row, list(range(len(inp) - len(cont), len(inp))), cont))
-    inputs = list(rows)
-    by_row: dict[int, list[int]] = {}
-    for i, (row, _, _) in enumerate(reqs):
-        by_row.setdefault(row, []).append(i)
-
-    backbone, head = _backbone_and_head(model)
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = [0.0] * len(reqs)
-    order = sorted(range(len(inputs)), key=lambda r: -len(inputs[r]))  # similar lengths share a batch
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        width = len(inputs[batch[0]])
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, r in enumerate(batch):  # right padding: causal attention never sees the pad
-            ids[b, : len(inputs[r])] = torch.tensor(inputs[r])
-            mask[b, : len(inputs[r])] = 1
-        hidden = backbone(
-            input_ids=ids.to(device), attention_mask=mask.to(device)
-        ).last_hidden_state  # (B, T, D)
-        b_idx, t_idx, targets, owner = [], [], [], []
-        for b, r in enumerate(batch):
-            for i in by_row[r]:
-                _, pos, cont = reqs[i]
-                b_idx += [b] * len(pos)
-                t_idx += pos
-                targets += cont
-                owner += [i] * len(pos)
-        h = hidden[torch.tensor(b_idx, device=device), torch.tensor(t_idx, device=device)]  # (M, D)
-        logp = F.log_softmax(head(h).float(), dim=-1)  # (M, V): the head only where it is needed
-        picked = logp.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0].tolist()
-        for i, lp in zip(owner, picked, strict=True):
-            out[i] += lp
-    return out
-
-
-def choose_loglik(
-    model: Any, tokenizer: Any, contexts: Sequence[str], batch_size: int, max_length: int | None
-):
-    """Index of the best of " A".." D" per context (first on ties, as numpy.argmax in lm-eval), and the
-    four log-likelihoods."""
-    reqs = [(c, TARGET_DELIMITER + letter) for c in contexts for letter in CHOICES]
-    lls = loglikelihoods(model, tokenizer, reqs, batch_size=batch_size, max_length=max_length)
-    per_q = [lls[4 * i : 4 * i + 4] for i in range(len(contexts))]
-    return [max(range(4), key=lambda j, q=q: (q[j], -j)) for q in per_q], per_q
-
-
-_LETTER = re.compile(r"[ABCD]")
-
-
-@torch.no_grad()
-def choose_generate(
-    model: Any,
-    tokenizer: Any,
-    contexts: Sequence[str],
-    batch_size: int,
-    max_length: int | None,
-    max_new_tokens: int = 16,
-) -> tuple[list[int | None], list[str]]:
-    """Greedy continuation of each context; the answer is its first A-D letter (None if there is none)."""
-    max_length = max_length or default_max_length(model, tokenizer)
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    texts: list[str] = []
-    for start in range(0, len(contexts), batch_size):
-        enc = [
-            tokenizer.encode(c)[-(max_length - max_new_tokens) :]
-            for c in contexts[start : start + batch_size]
-        ]
-        width = max(map(len, enc))
-        ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for b, e in enumerate(enc):  # left padding, so every row continues from its last token
-            ids[b, width - len(e) :] = torch.tensor(e)
-            mask[b, width - len(e) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        texts += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-    letters = [_LETTER.search(t) for t in texts]
-    return [CHOICES.index(m.group()) if m else None for m in letters], texts
-
-
-def summarize(per_subject: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Macro (mean of subject accuracies) and micro (pooled) accuracy, overall and per category."""
+def aggregate(
+    samples_by_subject: Mapping[str, Sequence[Mapping[str, Any]]], categories: Mapping[str, str]
+) -> dict[str, Any]:
+    """Per-subject n/correct/acc from lm-eval's per-sample records (`acc` or `exact_match` per record),
+    then macro (mean of subject accuracies) and micro (pooled questions) per category and overall.
+    A subject missing from `categories` counts as Other."""
+    per_subject: dict[str, dict[str, Any]] = {}
+    for subject, samples in samples_by_subject.items():
+        samples = sorted(samples, key=lambda s: s["doc_id"])
+        correct = round(sum(s["acc"] if "acc" in s else s["exact_match"] for s in samples))
+        letters = [_letter(s) for s in samples]
+        per_subject[subject] = {
+            "category": categories.get(subject, "Other"),
+            "n": len(samples),
+            "correct": correct,
+            "acc": correct / len(samples),
+            "pred": "".join(p for p, _ in letters),
+            "gold": "".join(g for _, g in letters),
+        }
 
     def agg(names: list[str]) -> dict[str, Any]:
         n = sum(per_subject[s]["n"] for s in names)
@@ -189,7 +74,8 @@ def summarize(per_subject: dict[str, dict[str, Any]]) -> dict[str, Any]:
         macro = sum(per_subject[s]["acc"] for s in names) / len(names)
         return {"acc_macro": macro, "acc_micro": correct / n, "n": n, "subjects": len(names)}
 
-    cats = {c: [s for s, r in per_subject.items() if r["category"] == c] for c in CATEGORIES}
+    order = list(CATEGORIES.values()) + [r["category"] for r in per_subject.values()]
+    cats = {c: [s for s, r in per_subject.items() if r["category"] == c] for c in dict.fromkeys(order)}
     overall = agg(list(per_subject))
     return {
         "acc_macro": overall["acc_macro"],
@@ -200,62 +86,102 @@ def summarize(per_subject: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def lm_eval_samples(
+    model: Any,
+    tokenizer: Any,
+    data_dir: str | Path | None,
+    subjects: Sequence[str] | None = None,
+    mode: str = "loglik",
+    num_fewshot: int = 5,
+    fewshot_seed: int = 1234,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    hub_repo: str | None = None,
+    hub_revision: str | None = None,
+    verbose: bool = False,
+) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """lm-eval's per-sample records per subject (in `subjects` order), and the context length HFLM
+    used. `hub_repo=None`: the dataset lm-eval's own task files name."""
+    import lm_eval  # pulls datasets and pandas: only once a run is under way
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from eval.kmmlu_tasks import shipped_hub_repo
+
+    data = None if data_dir is None else str(data_dir)
+    chosen = check_subjects(data, list(subjects) if subjects else None, num_fewshot, mode)
+    lm_log = logging.getLogger("lm_eval")
+    lm_log.setLevel(logging.INFO if verbose else max(lm_log.getEffectiveLevel(), logging.WARNING))
+    if not verbose:  # one "Generating split" bar per CSV: 135 lines for the 45 subjects
+        import datasets
+
+        datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory(prefix="kmmlu-") as tmp:
+        request, subject_of, include = lm_eval_tasks(
+            Path(tmp) / "tasks",
+            chosen,
+            mode,
+            data,
+            hub_repo or shipped_hub_repo(mode),
+            hub_revision,
+            Path(tmp) / "datasets",  # Arrow files of the local CSVs, removed with the folder
+        )
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        res = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=request,
+            num_fewshot=num_fewshot,
+            fewshot_random_seed=fewshot_seed,
+            limit=limit,
+            log_samples=True,
+            bootstrap_iters=0,  # stderr bootstraps are lm-eval's table; we report our own numbers
+            # our YAMLs include the base file by path; hub tasks live in include: no 15k-task index
+            task_manager=TaskManager(include_path=include, include_defaults=False),
+        )
+    by_subject = {subject_of[task]: list(samples) for task, samples in res["samples"].items()}
+    return {s: by_subject[s] for s in chosen}, lm.max_length
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
     data_dir: str | Path | None,
-    num_fewshot: int = 5,
-    mode: str = "loglik",
     subjects: Sequence[str] | None = None,
-    batch_size: int = 8,
+    mode: str = "loglik",
+    num_fewshot: int = 5,
+    fewshot_seed: int = 1234,
     limit: int | None = None,
+    batch_size: int = 8,
     max_length: int | None = None,
-    max_new_tokens: int = 16,
-    fewshot_seed: int = FEWSHOT_SEED,
-    hub_repo: str = HUB_REPO,
-    revision: str | None = None,
+    hub_repo: str | None = None,
+    hub_revision: str | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """KMMLU accuracy of a causal LM. data_dir=None reads the hub dataset (subjects then required or all 45)."""
-    if mode not in ("loglik", "generate"):
-        raise ValueError(f"mode={mode!r}: expected 'loglik' or 'generate'")
-    if subjects is None:
-        from eval.kmmlu_data import SUBJECT_CATEGORY
+    """KMMLU accuracy of a causal LM through lm-eval (data_dir=None: the hub dataset)."""
+    import lm_eval
 
-        subjects = subjects_in(data_dir) if data_dir is not None else sorted(SUBJECT_CATEGORY)
-        if not subjects:
-            raise FileNotFoundError(f"no {{Subject}}-test.csv files in {data_dir}")
-    model.eval()
+    from eval.kmmlu_tasks import shipped_hub_repo
+
     t0 = time.perf_counter()
-    per_subject: dict[str, dict[str, Any]] = {}
-    for subject in subjects:
-        test, dev = load_subject(subject, data_dir, hub_repo, revision, with_dev=num_fewshot > 0)
-        test = test[:limit]
-        contexts = fewshot_contexts(test, dev, num_fewshot, fewshot_seed)
-        if mode == "loglik":
-            picks, _ = choose_loglik(model, tokenizer, contexts, batch_size, max_length)
-        else:
-            picks, _ = choose_generate(model, tokenizer, contexts, batch_size, max_length, max_new_tokens)
-        correct = sum(p == q.answer for p, q in zip(picks, test, strict=True))
-        per_subject[subject] = {
-            "category": category_of(subject),
-            "n": len(test),
-            "correct": correct,
-            "acc": correct / len(test),
-            "pred": "".join("-" if p is None else CHOICES[p] for p in picks),  # "-": no letter generated
-            "gold": "".join(CHOICES[q.answer] for q in test),
-        }
-        log.info("%s: %d/%d = %.4f", subject, correct, len(test), correct / len(test))
-    result = summarize(per_subject)
+    samples, used_length = lm_eval_samples(
+        model, tokenizer, data_dir, subjects, mode, num_fewshot, fewshot_seed, limit, batch_size,
+        max_length, hub_repo, hub_revision, verbose,
+    )  # fmt: skip
+    result = aggregate(samples, {s: category_of(s) for s in samples})
     result["settings"] = {
         "mode": mode,
+        "task": FAMILIES[mode].group,
+        "lm_eval": lm_eval.__version__,
         "num_fewshot": num_fewshot,
         "fewshot_split": "dev",
         "fewshot_seed": fewshot_seed,
         "limit": limit,
-        "max_length": max_length or default_max_length(model, tokenizer),
-        "max_new_tokens": max_new_tokens if mode == "generate" else None,
+        "max_length": used_length,
         "batch_size": batch_size,
-        "data": str(data_dir) if data_dir is not None else f"hf://datasets/{hub_repo}",
+        "data": str(data_dir)
+        if data_dir is not None
+        else f"hf://datasets/{hub_repo or shipped_hub_repo(mode)}",
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return result
@@ -271,7 +197,8 @@ def write_report(result: dict[str, Any], output: str | Path, title: str) -> dict
         ["**overall**", len(result["per_subject"]), result["n"], result["acc_macro"], result["acc_micro"]]
     )
     md = f"# KMMLU: {title}\n\n"
-    md += f"{s['mode']}, {s['num_fewshot']}-shot (dev, seed {s['fewshot_seed']}), data `{s['data']}`"
+    md += f"lm-eval {s['lm_eval']} `{s['task']}` ({s['mode']}), {s['num_fewshot']}-shot "
+    md += f"(dev, seed {s['fewshot_seed']}), data `{s['data']}`"
     md += f"{', limit ' + str(s['limit']) if s['limit'] else ''}. Macro = mean of subjects (KMMLU paper); "
     md += "micro = pooled questions (lm-eval groups).\n\n"
     md += report.markdown_table(["category", "subjects", "n", "acc (macro)", "acc (micro)"], rows)
@@ -280,7 +207,7 @@ def write_report(result: dict[str, Any], output: str | Path, title: str) -> dict
         [[k, r["category"], r["n"], r["acc"]] for k, r in result["per_subject"].items()],
     )
     subj = list(result["per_subject"].items())
-    paths = {
+    return {
         "json": report.write_json(output, result),
         "md": report.write_text(report.sibling(output, ".md"), md),
         "png": report.bar_chart(
@@ -291,87 +218,107 @@ def write_report(result: dict[str, Any], output: str | Path, title: str) -> dict
             ylabel="accuracy",
             colors=[CATEGORY_COLORS.get(r["category"], "#999999") for _, r in subj],
             hline=(result["acc_macro"], f"macro {result['acc_macro']:.3f}"),
-            legend={c: CATEGORY_COLORS[c] for c in result["per_category"]},
+            legend={c: CATEGORY_COLORS.get(c, "#999999") for c in result["per_category"]},
         ),
     }
-    return paths
 
 
-def load_model_and_tokenizer(cfg: Any) -> tuple[Any, Any]:
-    """The decoder exactly as the VLM loads it (NF4 when model.quantize=nf4), plus an optional LoRA."""
-    from vlm.decoder import load_decoder
-    from vlm.tokenizer import load_tokenizer
+def check_adapter(adapter: str) -> Path:
+    """A PEFT adapter folder with safetensors weights, or a UsageError (checked before any load)."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise UsageError(f"adapter={adapter}: no such folder")
+    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
+    if missing:
+        raise UsageError(
+            f"adapter={adapter}: missing {', '.join(missing)} (a PEFT adapter saved as safetensors)"
+        )
+    return path
 
-    mcfg = cfg.model
-    src = cfg.get("tokenizer")
-    nop = mcfg.get("name_or_path")
-    if src is None and nop and (not Path(nop).exists() or (Path(nop) / "tokenizer_config.json").exists()):
-        src = nop  # a hub id, or a local checkpoint that carries its tokenizer
-    tokenizer = load_tokenizer(src)
-    device = cfg.get("device", "auto")
+
+def _device(device: str) -> str:
+    import torch
+
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device={device}: no CUDA device is visible")
+    return device
+
+
+def load_model_and_tokenizer(cfg: KmmluEntry) -> tuple[Any, Any]:
+    """The decoder exactly as training loads it (NF4 when model.quantize=nf4), plus an optional LoRA."""
+    from vlm.model.build import tokenizer_source
+    from vlm.model.decoder import load_decoder
+    from vlm.model.tokenizer import load_tokenizer
+
+    adapter = check_adapter(cfg.adapter) if cfg.adapter is not None else None
+    device = _device(cfg.device)
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model))
     model = load_decoder(
-        mcfg,
+        cfg.model,
         compute_dtype=cfg.gpu.compute_dtype,
         attn_implementation=cfg.gpu.attn_implementation,
         device_map={"": device} if device != "cpu" else None,
     )
-    if cfg.get("adapter"):
+    if adapter is not None:
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, str(cfg.adapter), is_trainable=False)
-        except Exception as e:  # wrong base, missing files: one line naming the adapter
-            raise ValueError(
-                f"adapter {cfg.adapter}: cannot be applied to {nop or 'the tiny decoder'}: {e}"
-            ) from e
-    return model, tokenizer
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        except Exception as e:  # a LoRA of another base: shapes or module names do not fit
+            base = cfg.model.name_or_path or "the tiny decoder"
+            raise UsageError(f"adapter={cfg.adapter}: cannot be applied to {base}: {e}") from e
+    return model.eval(), tokenizer
 
 
-def run(cfg: Any) -> dict[str, Any]:
-    """Everything the CLI does, callable from tests with a composed config."""
+def run(cfg: KmmluEntry | DictConfig) -> dict[str, Any]:
+    """Check the settings, load, evaluate, write the report: everything the CLI does."""
+    cfg = to_typed(cfg)
+    subjects = check_subjects(cfg.data_dir, cfg.subjects, cfg.num_fewshot, cfg.mode)
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UsageError(f"limit={cfg.limit}: must be 1 or more (null: every question)")
+    if cfg.batch_size < 1:
+        raise UsageError(f"batch_size={cfg.batch_size}: must be 1 or more")
+    if cfg.adapter is not None:
+        check_adapter(cfg.adapter)
+    _device(cfg.device)
     model, tokenizer = load_model_and_tokenizer(cfg)
     result = evaluate(
         model,
         tokenizer,
         cfg.data_dir,
-        num_fewshot=cfg.num_fewshot,
+        subjects=subjects,
         mode=cfg.mode,
-        subjects=list(cfg.subjects) if cfg.subjects else None,
-        batch_size=cfg.batch_size,
-        limit=cfg.limit,
-        max_length=cfg.max_length,
-        max_new_tokens=cfg.max_new_tokens,
+        num_fewshot=cfg.num_fewshot,
         fewshot_seed=cfg.fewshot_seed,
+        limit=cfg.limit,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
         hub_repo=cfg.hub_repo,
-        revision=cfg.hub_revision,
+        hub_revision=cfg.hub_revision,
+        verbose=cfg.verbose,
     )
-    name = cfg.model.get("name_or_path") or "tiny random Qwen3"
+    name = cfg.model.name_or_path or "tiny random Qwen3"
     result["settings"]["model"] = {
         "name_or_path": name,
-        "quantize": cfg.model.get("quantize"),
-        "adapter": cfg.get("adapter"),
+        "quantize": cfg.model.quantize,
+        "adapter": cfg.adapter,
         "compute_dtype": cfg.gpu.compute_dtype,
     }
-    title = Path(str(name)).name + (" + LoRA" if cfg.get("adapter") else "")
+    title = Path(name).name + (" + LoRA" if cfg.adapter else "")
     result["files"] = {k: str(v) for k, v in write_report(result, cfg.output, title).items()}
     return result
 
 
-def _main() -> None:
-    import hydra
-
-    @hydra.main(
-        config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="kmmlu", version_base="1.3"
-    )
-    def main(cfg: Any) -> None:
-        result = run(cfg)
-        print(Path(result["files"]["md"]).read_text(encoding="utf-8"))
-        print("wrote " + ", ".join(result["files"].values()))
-
-    main()
+def main_fn(cfg: DictConfig) -> int:
+    result = run(cfg)
+    print(Path(result["files"]["md"]).read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(result["files"].values()))
+    return 0
 
 
 if __name__ == "__main__":
-    _main()
+    from vlm.util.cli import hydra_cli
+
+    hydra_cli("kmmlu", main_fn)

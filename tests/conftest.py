@@ -1,4 +1,4 @@
-"""Test-wide setup: offline hub, Triton's CPU interpreter, a per-session cache for tiny models."""
+"""Test-wide setup: offline hub, Triton's CPU interpreter, the typed-config composer."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 # Set before anything imports transformers or triton.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -14,17 +15,23 @@ from pathlib import Path
 
 import pytest
 
+import vlm.config  # registers the structured-config schemas with Hydra
+
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def compose():
-    """hydra.compose over the real conf/ tree: compose("train", ["gpu=l4", ...])."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
+    """hydra.compose over the real conf/ tree: compose("train", ["gpu=l4", ...]) → DictConfig."""
+    return vlm.config.compose
 
-    def _compose(name: str, overrides: list[str] | None = None):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return hcompose(config_name=name, overrides=overrides or [])
 
-    return _compose
+@pytest.fixture(scope="session")
+def typed(compose):
+    """compose(...) turned into the dataclass objects the product reads: typed("train", [...])."""
+
+    def _typed(name: str, overrides: list[str] | None = None):
+        return vlm.config.to_typed(compose(name, overrides or []))
+
+    return _typed

@@ -12,7 +12,7 @@ __all__ = ["load_exported"]
 
 def __getattr__(name: str) -> Any:
     if name == "load_exported":
-        from vlm.export_load import load_exported
+        from vlm.export.load import load_exported
 
         return load_exported
     raise AttributeError(f"module 'vlm' has no attribute {name!r}")

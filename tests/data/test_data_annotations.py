@@ -24,6 +24,7 @@ def root(tmp_path, videos) -> Path:
     shutil.copy(videos["cfr16"], tmp_path / "clips" / "a.mp4")
     shutil.copy(videos["short3"], tmp_path / "clips" / "b.mp4")
     (tmp_path / "clips" / "broken.mp4").write_text("not a video")
+    shutil.copy(videos["cut30"], tmp_path / "clips" / "cut.mp4")
     return tmp_path
 
 
@@ -96,6 +97,7 @@ BAD_ROWS = [
     '{"video": "clips/a.mp4", "caption": "거꾸로", "start": 1.0, "end": 0.5}',  # 9: end before start
     "[1, 2]",  # 10: not an object
     '{"video": "../x.mp4", "caption": "탈출"}',  # 11: escapes root
+    '{"video": "clips/cut.mp4", "caption": "잘린 파일"}',  # 12: truncated (index promises 96 frames)
 ]
 EXPECTED = [
     (2, "bad JSON"),
@@ -108,13 +110,14 @@ EXPECTED = [
     (9, "end 0.5 is not after start 1"),
     (10, "expected a JSON object"),
     (11, "escapes the root"),
+    (12, "video clips/cut.mp4 undecodable: truncated: "),
 ]
 
 
 def test_check_lists_every_problem_with_line(root):
     ann = write_jsonl(root / "bad.jsonl", BAD_ROWS)
-    n, problems = check_annotations(ann, root, timeout_s=10)
-    assert n == 4  # lines 1, 6, 7, 8 parse into records; the others are annotation problems
+    n, problems = check_annotations(ann, root, decode_timeout_s=10)
+    assert n == 5  # lines 1, 6, 7, 8, 12 parse into records; the others are annotation problems
     got = [(p.line, p.message) for p in problems]
     assert len(got) == len(EXPECTED)
     for (line, msg), (want_line, want) in zip(got, EXPECTED, strict=True):
@@ -123,16 +126,35 @@ def test_check_lists_every_problem_with_line(root):
         read_annotations(ann, root)
 
 
+def run_check(*overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "data.check", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+
+
 def test_check_cli_exit_codes(root):
     bad = write_jsonl(root / "bad.jsonl", BAD_ROWS)
     good = write_jsonl(root / "good.jsonl", [{"video": "clips/a.mp4", "caption": "좋음"}])
-    run = [sys.executable, "-m", "data.check"]
-    out = subprocess.run(
-        [*run, f"annotations={bad}", f"root={root}"], capture_output=True, text=True, cwd=REPO_ROOT
-    )
+    out = run_check(f"annotations={bad}", f"root={root}", "decode_timeout_s=10", "image_size=16")
     assert out.returncode == 1, out.stderr[-2000:]
     lines = [x for x in out.stdout.splitlines() if x.startswith(f"{bad}:")]
     assert [int(x.split(":")[1]) for x in lines] == [line for line, _ in EXPECTED]
     assert f"{len(EXPECTED)} problem(s)" in out.stdout
-    ok = subprocess.run([*run, f"annotations={good}"], capture_output=True, text=True, cwd=REPO_ROOT)
+    ok = run_check(f"annotations={good}")  # root: the annotation file's folder
     assert ok.returncode == 0 and "1 records, 0 problem(s)" in ok.stdout, ok.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["annotations={root}/nope.jsonl"], "annotations={root}/nope.jsonl: no such file"),
+        (["annotations={root}/good.jsonl", "root={root}/nope"], "root={root}/nope: no such folder"),
+        (["annotations={root}/good.jsonl", "timeout_s=5"], "timeout_s"),  # the old key name is refused
+    ],
+)
+def test_check_cli_usage_errors_are_one_line(root, overrides, message):
+    write_jsonl(root / "good.jsonl", [{"video": "clips/a.mp4", "caption": "좋음"}])
+    out = run_check(*(o.format(root=root) for o in overrides))
+    assert out.returncode == 2, (out.stdout, out.stderr[-2000:])
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.startswith("error: ") and message.format(root=root) in out.stderr
+    assert out.stdout == ""

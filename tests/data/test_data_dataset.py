@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import collate
 from torch.utils.data import DataLoader
 
-from data.dataset import TooManyFailedVideos, VideoCaptionDataset, collate, dataset_from_config
+from data.dataset import TooManyFailedVideos, VideoCaptionDataset, dataset_from_config
+from vlm.config import to_typed  # also registers the schemas that `compose` checks against
 
 
 def corpus(root: Path, videos, n_good: int, n_bad: int) -> Path:
@@ -77,7 +79,8 @@ def test_failure_count_is_shared_by_dataloader_workers(tmp_path, videos):
 
 def test_dataset_from_config(tmp_path, videos, compose):
     ann = corpus(tmp_path, videos, 2, 0)
-    cfg = compose("train", [f"data.root={tmp_path}", f"data.train={ann}", f"data.val={ann}"]).data
+    cfg = to_typed(compose("train", [f"data.root={tmp_path}", f"data.train={ann}", f"data.val={ann}"])).data
     ds = dataset_from_config(cfg, "val")
     assert len(ds) == 2 and ds.sample_kw["num_frames"] == cfg.num_frames
+    assert ds.sample_kw["allow_partial"] is cfg.allow_partial is False  # truncated files fail by default
     assert ds[0]["frames"].shape[0] == cfg.num_frames

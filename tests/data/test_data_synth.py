@@ -153,12 +153,35 @@ def test_deterministic_by_seed_and_train_val_differ(corpus, tmp_path):
             assert np.abs(fv - frames4(corpus, t).astype(int)).mean() > 4, (v, t)
 
 
-def test_cli_writes_only_the_corpus(tmp_path):
+def run_synth(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "data.synth", "out=corpus", "n_train=5", "n_val=2", "seed=3", "workers=1"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "data.synth", *overrides]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_writes_only_the_corpus(tmp_path):
+    out = run_synth(tmp_path, "output=corpus", "n_train=5", "n_val=2", "seed=3", "workers=1")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "wrote 5 train + 2 val clips" in out.stdout
+    assert "wrote 5 train + 2 val clips to corpus" in out.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no outputs/ or .log from Hydra
     assert sorted(p.name for p in (tmp_path / "corpus").iterdir()) == ["train.jsonl", "val.jsonl", "videos"]
     assert len(list((tmp_path / "corpus" / "videos" / "val").glob("*.mp4"))) == 2
+    assert [r["video"] for r in read(tmp_path / "corpus", "val")] == [
+        "videos/val/000000.mp4",
+        "videos/val/000001.mp4",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["image_size=8", "seconds=0.25"], "got image_size=8, frames=2"),  # 0.25 s × 8 fps: 2 frames
+        (["size=32"], "size"),  # the old key name is refused at composition
+    ],
+)
+def test_cli_usage_errors_are_one_line_and_write_nothing(tmp_path, overrides, message):
+    out = run_synth(tmp_path, "output=corpus", "n_train=2", "n_val=1", "workers=1", *overrides)
+    assert out.returncode == 2, (out.stdout, out.stderr[-2000:])
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -111,7 +111,7 @@ def kmmlu_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from vlm.tokenizer import load_tokenizer
+    from vlm.model.tokenizer import load_tokenizer
 
     return load_tokenizer()
 
@@ -119,6 +119,8 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(compose) -> Path:
     """The seeded tiny random Qwen3 of conf/model/qwen3_tiny.yaml, saved like a real checkpoint."""
-    from vlm.decoder import tiny_base_dir
+    from vlm.config import to_typed
+    from vlm.model.decoder import tiny_base_dir
 
-    return tiny_base_dir(compose("kmmlu").model)
+    model = to_typed(compose("kmmlu")).model
+    return tiny_base_dir(model.arch, model.init_seed)

@@ -41,7 +41,8 @@ def main(model_dir: str, tok_dir: str, data_dir: str, out: str, *subjects: str) 
         model=lm,
         tasks=list(names.values()),
         num_fewshot=5,
-        task_manager=TaskManager(include_path=str(task_dir)),
+        # the base file is included by path, so lm-eval's 15k-task index is not needed (~25 s saved)
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         log_samples=True,
     )
     dump = {}

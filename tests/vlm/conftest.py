@@ -29,8 +29,8 @@ def tiny_cfg(compose, synth_root, tmp_path):
                 "train.val_caption_subset=0",
                 "train.val_every_n_steps=1000",
                 "train.checkpoint_every_n_steps=1000",
-                "trainer.enable_progress_bar=false",
-                "trainer.log_every_n_steps=1",
+                "train.log_every_n_steps=1",
+                "progress=false",
                 *overrides,
             ],
         )

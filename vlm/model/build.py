@@ -1,0 +1,60 @@
+"""Builders: turn a typed training config into the VLM's parts and assemble them; ready-made parts
+(a tiny decoder, a warmed tower) can be passed in and go through the same assembly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from projector import build_projector
+from vlm.config.entries import TrainEntry
+from vlm.config.schema import ModelConfig, PromptConfig
+from vlm.model.decoder import load_decoder
+from vlm.model.lora import prepare_decoder
+from vlm.model.processor import Processor
+from vlm.model.tokenizer import VOCAB_SIZE, load_tokenizer
+from vlm.model.vision import VisionTower, build_vision
+from vlm.model.vlm import VLM
+
+
+def embedding_rms(decoder: nn.Module) -> float:
+    """RMS of the used token-embedding rows: the scale visual tokens should start at."""
+    w = decoder.get_input_embeddings().weight.detach()[:VOCAB_SIZE]
+    return float(w.float().pow(2).mean().sqrt())
+
+
+def tokenizer_source(model: ModelConfig) -> str | None:
+    """`model.tokenizer`, else the decoder's own (a hub id, or a local directory that carries one), else
+    None: Qwen3's tokenizer built offline (same ids)."""
+    if model.tokenizer is not None:
+        return model.tokenizer
+    src = model.name_or_path
+    if src is None or (Path(src).is_dir() and not (Path(src) / "tokenizer_config.json").is_file()):
+        return None
+    return src
+
+
+def build_processor(model: ModelConfig, prompt: PromptConfig, max_caption_tokens: int) -> Processor:
+    return Processor(load_tokenizer(tokenizer_source(model)), prompt, max_caption_tokens)
+
+
+def build_vlm(
+    cfg: TrainEntry, vision: VisionTower | None = None, decoder: nn.Module | None = None
+) -> tuple[VLM, Processor]:
+    """(VLM, Processor) as the stage in `cfg.train` trains them: decoder frozen or with LoRA, tower
+    frozen unless `vision.freeze` is false, a fresh projector scaled to the decoder's embeddings."""
+    if decoder is None:
+        decoder = load_decoder(cfg.model, cfg.gpu.compute_dtype, cfg.gpu.attn_implementation)
+    if vision is None:
+        vision = build_vision(cfg.vision)
+    proj = build_projector(
+        cfg.projector, vision.width, decoder.config.hidden_size, vision.grid, embedding_rms(decoder)
+    )
+    decoder = prepare_decoder(decoder, cfg.train.lora, cfg.train.gradient_checkpointing)
+    processor = build_processor(cfg.model, cfg.prompt, cfg.data.max_caption_tokens)
+    return VLM(vision, proj, decoder), processor
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
