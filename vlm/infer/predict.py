@@ -22,7 +22,7 @@ from vlm.infer.discover import Video
 from vlm.infer.output import CaptionOutput, is_record, latest, plan
 from vlm.infer.srt import write_srt
 from vlm.model.captioner import VideoCaptioner
-from vlm.util.errors import Interrupted, one_line
+from vlm.util.errors import Interrupted, RunFailure, one_line
 from vlm.util.jsonl import append_jsonl, read_jsonl
 from vlm.util.signals import StopSignal, signal_name
 
@@ -213,7 +213,14 @@ class JsonlWriter(BasePredictionWriter):
             for rec in prediction:  # subtitles first: a line in the output means its SRT is there
                 if rec["error"] is None:
                     write_srt(self.output.path, rec["video"], rec["segments"])
-        append_jsonl(self.file, prediction)
+        try:
+            append_jsonl(self.file, prediction)
+        except (
+            OSError
+        ) as e:  # a full disk, a vanished mount: every earlier line is on disk, this batch is not
+            raise RunFailure(
+                f"output={self.file.name}: cannot write ({e.strerror or e}); rerun to resume"
+            ) from None
         for r in prediction:
             self.counts["failed" if r["error"] else "ok"] += 1
         if self.bar is not None:

@@ -94,24 +94,30 @@ def run(cfg: Any) -> dict[str, Any]:
     """Caption what is not yet captioned; returns the run summary (counts, videos/s, exit_code)."""
     cfg: CaptionEntry = to_typed(cfg)
     src, out, meta = check_usage(cfg)
+    from vlm.util.signals import StopSignal
+
     output = CaptionOutput(out)
     primary = is_primary_process()
+    stop = StopSignal()
+    stop.install()  # a signal while the model loads is not lost
     if primary:
         output.lock()
     try:
-        return _run(cfg, src, output, meta, primary)
+        return _run(cfg, src, output, meta, primary, stop)
     finally:
         output.release()
+        stop.restore()
 
 
 def _run(
-    cfg: CaptionEntry, src: Path, output: CaptionOutput, meta: dict[str, Any], primary: bool
+    cfg: CaptionEntry, src: Path, output: CaptionOutput, meta: dict[str, Any], primary: bool, stop: Any
 ) -> dict[str, Any]:
     import lightning.pytorch as L
 
     from vlm.export.load import load_exported
     from vlm.infer.predict import CaptionPredictor, FolderData, JsonlWriter
-    from vlm.util.signals import StopSignal
+    from vlm.util.errors import Interrupted
+    from vlm.util.signals import signal_name
 
     prompt = cfg.prompt if cfg.prompt is not None else None
     system, user = (
@@ -134,10 +140,14 @@ def _run(
     )
     if prompt is not None:  # a style picked on the command line (prompt=short|detailed)
         captioner.processor = captioner.processor.with_prompt(prompt)
+    if stop.signum is not None:
+        raise Interrupted(
+            stop.signum,
+            f"stopped by {signal_name(stop.signum)} before captioning started; nothing was written",
+        )
     gen = asdict(cfg.generation)
     data = FolderData(videos, output.path, cfg.retry_failed, sampling(cfg, meta), cfg.segment_seconds,
                       cfg.batch_size, cfg.num_workers)  # fmt: skip
-    stop = StopSignal()
     writer = JsonlWriter(output, stop, show_progress=cfg.progress)
     t = cfg.trainer
     trainer = L.Trainer(

@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vlm.util.errors import UsageError
+from vlm.util.errors import RunFailure, UsageError
 from vlm.util.files import publish_dir, swap_link, temp_dir_beside
 
 TENSOR = "__tensor__"
@@ -78,14 +78,20 @@ def save_dir(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     state = _flatten(checkpoint, "", tensors)
-    tmp = temp_dir_beside(path)
     try:
-        save_file(tensors, tmp / "tensors.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state, ensure_ascii=False, indent=1))
-        publish_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = temp_dir_beside(path)
+        try:
+            save_file(tensors, tmp / "tensors.safetensors")
+            (tmp / "state.json").write_text(json.dumps(state, ensure_ascii=False, indent=1))
+            publish_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except (OSError, SafetensorError) as e:  # the previous checkpoint (and `last`) are untouched
+        why = getattr(e, "strerror", None) or " ".join(str(e).split())
+        raise RunFailure(
+            f"checkpoint {path}: cannot write ({why}); `last` still names the previous one"
+        ) from None
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -159,10 +165,20 @@ class StepCheckpoint(ModelCheckpoint):
             swap_link(filepath, linkpath)  # never a moment without `last`
         trainer.strategy.barrier()
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """The step training ended on (max_steps, or a stop by signal) is always saved."""
+    def _save_now(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step and trainer.global_step > 0:
             candidates = self._monitor_candidates(trainer)
             self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))
             self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        # The last step (max_steps, or a stop a signal asked for) is saved here, at the same point in the
+        # loop as the periodic ones (before this step's scheduler update), so resuming from it continues
+        # exactly as the uninterrupted run does.
+        if trainer.should_stop or trainer.global_step >= trainer.max_steps:
+            self._save_now(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_now(trainer)  # any other way the loop ended
         super().on_train_end(trainer, pl_module)

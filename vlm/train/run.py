@@ -57,8 +57,16 @@ def load_trained(module: CaptionModule, path: str | Path, only: str = "") -> Non
 def train(cfg: Any, *, dataset_wrapper: Any = None) -> dict[str, Any]:
     """Run the stage `cfg.train` describes. `dataset_wrapper(dataset) -> dataset`, if given, wraps the
     train and val video datasets (the demo's blind control zeroes the frames this way)."""
+    stop = StopSignal()
+    stop.install()  # a signal while the model loads is not lost
+    try:
+        return _train(to_typed(cfg), stop, dataset_wrapper)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: TrainEntry, stop: StopSignal, dataset_wrapper: Any) -> dict[str, Any]:
     t0 = time.time()
-    cfg: TrainEntry = to_typed(cfg)
     train_set, val_set = check_train_inputs(cfg)  # before a weight is loaded: one line per problem
     if dataset_wrapper is not None:
         train_set = dataset_wrapper(train_set)
@@ -78,7 +86,10 @@ def train(cfg: Any, *, dataset_wrapper: Any = None) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.json", _json(_plain(cfg)))
-    stop = StopSignal()
+    if stop.signum is not None:
+        raise Interrupted(
+            stop.signum, f"stopped by {signal_name(stop.signum)} before training started; nothing to resume"
+        )
     callbacks: list[L.Callback] = [
         StepCheckpoint(out / "checkpoints", st.checkpoint_every_n_steps),
         LearningRateMonitor(logging_interval="step"),

@@ -21,28 +21,9 @@ TEXT = "고양이가 빨간 공을 굴린다. 다음 장면을 한국어로 설�
 
 
 @pytest.fixture(scope="module")
-def ckpt(compose, synth_root, tmp_path_factory) -> Path:
+def ckpt(stage2_checkpoint) -> Path:
     """A tiny stage-2 checkpoint (NF4 base + LoRA) trained hard enough that the adapter matters."""
-    from vlm.train.run import train
-
-    out = tmp_path_factory.mktemp("export_run")
-    cfg = compose(
-        "train",
-        [
-            f"data.root={synth_root}",
-            f"output_dir={out}",
-            "data.num_workers=0",
-            "train=stage2_lora",
-            "train.batch_size=4",
-            "train.max_steps=3",
-            "train.lr_lora=1e-2",  # large steps: LoRA deltas of the size of the base weights
-            "train.lora.r=4",
-            "train.val_every_n_steps=1000",
-            "train.checkpoint_every_n_steps=1000",
-            "progress=false",
-        ],
-    )
-    return Path(train(cfg)["last_checkpoint"])
+    return stage2_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -29,19 +29,9 @@ N_GOOD = 8
 
 
 @pytest.fixture(scope="module")
-def export_dir(compose, synth_root, tmp_path_factory) -> Path:
-    """A tiny export (NF4 base + LoRA after one training step): the model under test."""
-    from vlm.export import export
-    from vlm.train.run import train
-
-    run = tmp_path_factory.mktemp("cap_train")
-    cfg = compose(
-        "train",
-        [f"data.root={synth_root}", f"output_dir={run}", "data.num_workers=0", "train=stage2_lora",
-         "train.batch_size=4", "train.max_steps=1", "train.lora.r=4", "train.val_every_n_steps=1000",
-         "train.checkpoint_every_n_steps=1000", "progress=false"],
-    )  # fmt: skip
-    return export(train(cfg)["last_checkpoint"], run / "export")
+def export_dir(tiny_export) -> Path:
+    """A tiny export (NF4 base + LoRA after three training steps): the model under test."""
+    return tiny_export
 
 
 @pytest.fixture(scope="module")
