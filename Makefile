@@ -9,7 +9,7 @@ PIP    := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_N
           PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 $(VENV)/bin/python -m pip
 RUN    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY)
 
-.PHONY: venv test test-fast lint format demo demo-control bench clean
+.PHONY: venv test test-fast lint format demo demo-control bench gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,12 @@ bench: $(STAMP)
 	$(RUN) -m bench.caption
 	$(RUN) -m bench.moe
 	$(RUN) -m bench.plan
+
+# The wheels bench/gpu/run.sh installs on the GPU machine (no network there): cp312 manylinux, into
+# .gpu-wheels/ (ignored; carried with the device call), checked against the 64 MiB per-call limit.
+gpu-wheels: $(STAMP)
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_NO_INDEX \
+	  PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 $(PY) -m bench.gpu.wheels
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
