@@ -99,6 +99,8 @@ CASES: list[Case] = [
     ("train-dropout", TRAIN, lambda w: tr(w, "train=stage2_lora", "train.lora.dropout=1.5"), 2, "train.lora.dropout=1.5", ()),
     ("train-unknown-key", TRAIN, lambda w: tr(w, "train.lr=1"), 2, "Could not override 'train.lr'", ()),
     ("train-frames-vs-projector", TRAIN, lambda w: tr(w, "data.num_frames=80"), 2, "projector.max_frames=64", ()),
+    ("train-fsdp", TRAIN, lambda w: tr(w, "trainer.strategy=fsdp"), 2, "trainer.strategy=fsdp: not supported", ()),
+    ("caption-fsdp", CAPTION, lambda w: cap(w, "trainer.strategy=fsdp"), 2, "trainer.strategy=fsdp: not supported", ()),
     ("caption-max-new-tokens-0", CAPTION, lambda w: cap(w, "generation.max_new_tokens=0"), 2, "generation.max_new_tokens=0", ()),
     ("caption-frames-0", CAPTION, lambda w: cap(w, "frames.num_frames=0"), 2, "frames: num_frames", ()),
     ("caption-batch-0", CAPTION, lambda w: cap(w, "batch_size=0"), 2, "batch_size=0: must be >= 1", ()),

@@ -16,7 +16,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from vlm.infer.discover import Video
 from vlm.infer.output import CaptionOutput, is_record, latest, plan
@@ -24,6 +24,7 @@ from vlm.infer.srt import write_srt
 from vlm.model.captioner import VideoCaptioner
 from vlm.util.errors import Interrupted, RunFailure, one_line
 from vlm.util.jsonl import append_jsonl, read_jsonl
+from vlm.util.ranks import RankSlice
 from vlm.util.signals import StopSignal, signal_name
 
 
@@ -67,19 +68,6 @@ class VideoFolder(Dataset):
 
 def collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items  # frames stay per window: videos may differ in frame count (fps mode)
-
-
-class RankSlice(Sampler):
-    """Indices rank, rank+world, ... of the dataset: an even split without DistributedSampler's padding."""
-
-    def __init__(self, n: int, rank: int, world: int) -> None:
-        self.idx = list(range(rank, n, world))
-
-    def __iter__(self):
-        return iter(self.idx)
-
-    def __len__(self) -> int:
-        return len(self.idx)
 
 
 class FolderData(L.LightningDataModule):

@@ -68,10 +68,10 @@ def check_usage(cfg: CaptionEntry) -> tuple[Path, Path, dict[str, Any]]:
         allowed = ("nf4", "none") if key == "model.quantize" else ("float32", "bfloat16", "float16")
         if value is not None and value not in allowed:
             raise UsageError(f"{key}={value}: expected one of {', '.join(allowed)}")
-    if cfg.trainer.accelerator in ("gpu", "cuda"):
-        from vlm.train.preflight import check_accelerator
+    from vlm.train.preflight import check_accelerator, check_strategy
 
-        check_accelerator("trainer.accelerator", cfg.trainer.accelerator)
+    check_strategy("trainer.strategy", cfg.trainer.strategy)
+    check_accelerator("trainer.accelerator", cfg.trainer.accelerator)
     return src, out, meta
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from projector import build_projector
 from vlm.config.entries import TrainEntry
 from vlm.config.schema import ModelConfig, PromptConfig
-from vlm.model.decoder import load_decoder
+from vlm.model.decoder import DTYPES, load_decoder
 from vlm.model.lora import prepare_decoder
 from vlm.model.processor import Processor
 from vlm.model.tokenizer import VOCAB_SIZE, load_tokenizer
@@ -48,6 +48,8 @@ def build_vlm(
         decoder = load_decoder(cfg.model, cfg.gpu.compute_dtype, cfg.gpu.attn_implementation)
     if vision is None:
         vision = build_vision(cfg.vision)
+    if vision.frozen and cfg.gpu.compute_dtype != "float32":  # a frozen tower needs no fp32 master weights
+        vision.to(DTYPES[cfg.gpu.compute_dtype])
     proj = build_projector(
         cfg.projector, vision.width, decoder.config.hidden_size, vision.grid, embedding_rms(decoder)
     )

@@ -58,15 +58,16 @@ class VLM(nn.Module):
         return emb.masked_scatter(is_pad.unsqueeze(-1), visual.to(emb.dtype))
 
     # -- training ----------------------------------------------------------------------------------
-    def loss(
+    def loss_sum(
         self,
         feats: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         prepared: bool = False,
-    ) -> torch.Tensor:
-        """Mean next-token cross-entropy over labelled tokens; logits only where labels are set."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed next-token cross-entropy, number of labelled tokens); logits only where labels are set.
+        The sum, not the mean, so a trainer can divide by the token count of all ranks together."""
         visual = self.visual_tokens(feats, prepared)  # (B, N, D)
         dev = visual.device
         ids, mask, labels = input_ids.to(dev), attention_mask.to(dev), labels.to(dev)
@@ -75,7 +76,12 @@ class VLM(nn.Module):
         keep = target != IGNORE
         h = hidden[:, :-1][keep]  # (N_labels, D): the only rows that reach the 151,936-wide head
         logits = self.causal_lm.lm_head(h).float()  # (N_labels, V)
-        return F.cross_entropy(logits, target[keep])
+        return F.cross_entropy(logits, target[keep], reduction="sum"), keep.sum()
+
+    def loss(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled tokens of this batch (see `loss_sum`)."""
+        total, n = self.loss_sum(*args, **kwargs)
+        return total / n
 
     # -- generation --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -9,10 +9,10 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlm.model.processor import Processor
+from vlm.util.ranks import RankSlice, rank_and_world
 
 
 class StepSampler(Sampler):
@@ -27,7 +27,7 @@ class StepSampler(Sampler):
         self.n, self.seed, self.start = n, seed, start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world = rank_and_world()
         pos = self.start * world + rank  # start counts this rank's samples
         while True:
             epoch, k = divmod(pos, self.n)
@@ -110,10 +110,11 @@ class CaptionDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
+        rank, world = rank_and_world()
         return DataLoader(
             self.val_set,
             batch_size=self.batch_size,
-            shuffle=False,
+            sampler=RankSlice(len(self.val_set), rank, world),  # each rank validates its own share
             num_workers=self.num_workers,
             collate_fn=self.collate,
         )

@@ -57,14 +57,20 @@ class CaptionModule(L.LightningModule):
         return batch["feats"] if batch["prepared"] else self.vlm.encode(batch["frames"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.vlm.loss(
+        total, n = self.vlm.loss_sum(
             self._feats(batch),
             batch["input_ids"],
             batch["attention_mask"],
             batch["labels"],
             batch["prepared"],
         )
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=len(batch["video"]))
+        # Token-weighted across ranks: divide by the labelled tokens of every rank, times the world size
+        # because DDP averages gradients. So N ranks of batch B train exactly like one process of N·B.
+        strategy, world = self.trainer.strategy, self.trainer.world_size
+        n_all = strategy.reduce(n.detach().float(), reduce_op="sum") if world > 1 else n.float()
+        loss = total * world / n_all
+        summed = strategy.reduce(total.detach().clone(), reduce_op="sum") if world > 1 else total.detach()
+        self.log("train/loss", summed / n_all, prog_bar=True, on_step=True, batch_size=len(batch["video"]))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -97,15 +103,13 @@ class CaptionModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         st = self.stage
-        proj = [p for p in self.vlm.projector.parameters() if p.requires_grad]
-        rest = [
-            p for n, p in self.vlm.named_parameters() if p.requires_grad and not n.startswith("projector.")
-        ]
-        groups = []
-        if proj:
-            groups.append({"params": proj, "lr": st.lr_projector, "name": "projector"})
-        if rest:
-            groups.append({"params": rest, "lr": st.lr_lora, "name": "lora"})
+        rates = {"projector": st.lr_projector, "vision": st.lr_vision, "decoder": st.lr_lora}
+        by_part: dict[str, list[torch.nn.Parameter]] = {k: [] for k in rates}
+        for n, p in self.vlm.named_parameters():
+            if p.requires_grad:
+                by_part[n.split(".", 1)[0]].append(p)
+        names = {"decoder": "lora"}  # the decoder trains through its adapters (LoRA) only
+        groups = [{"params": ps, "lr": rates[k], "name": names.get(k, k)} for k, ps in by_part.items() if ps]
         opt = torch.optim.AdamW(groups, weight_decay=st.weight_decay, betas=(0.9, 0.999))
         warmup = max(1, int(st.max_steps * st.warmup_ratio))
         sched = LambdaLR(opt, lambda s: warmup_cosine(s, st.max_steps, warmup))

@@ -42,6 +42,18 @@ def check_model_source(name: str, path: str | None) -> None:
             raise UsageError(f"{name}={path}: not a model directory (no config.json)")
 
 
+STRATEGIES = ("auto", "ddp")  # what has run in this project's tests (2-process gloo DDP)
+
+
+def check_strategy(name: str, strategy: str) -> None:
+    if strategy.startswith("fsdp"):
+        raise UsageError(
+            f"{name}={strategy}: not supported: the NF4 weights are stored as uint8, and FSDP can only shard "
+            "4-bit weights stored in the compute dtype (bnb_4bit_quant_storage); use ddp"
+        )
+    one_of(name, strategy, STRATEGIES)
+
+
 def check_accelerator(name: str, accelerator: str) -> None:
     import torch
 
@@ -74,6 +86,7 @@ def check_values(cfg: TrainEntry) -> None:
         raise UsageError(f"data.max_failed_share={d.max_failed_share}: must be in [0, 1)")
     at_least("trainer.devices", t.devices, 1)
     at_least("trainer.num_nodes", t.num_nodes, 1)
+    check_strategy("trainer.strategy", t.strategy)
     one_of("gpu.compute_dtype", cfg.gpu.compute_dtype, DTYPES)
     one_of("model.quantize", cfg.model.quantize, ("nf4", "none"))
     one_of("model.moe_kernel", cfg.model.moe_kernel, ("fused", "eager"))
