@@ -148,11 +148,11 @@ def run(rec: Record, tiny: bool, deadline: Deadline) -> None:
                 f_s = ms[FUSED]["median_ms"] / 1e3
                 block[mode] = {
                     "rows": rows,
-                    "fused_tflops": round(fl / f_s / 1e12, 2),
+                    "fused_tflops": float(f"{fl / f_s / 1e12:.4g}"),
                     "fused_gbps": round(by / f_s / 1e9, 1),
                     "fused_share_of_peak_flops": round(fl / f_s / H200_BF16_FLOPS, 4),
                     "fused_share_of_peak_bandwidth": round(by / f_s / H200_BYTES_PER_S, 4),
-                    "roofline_ms": round(max(fl / H200_BF16_FLOPS, by / H200_BYTES_PER_S) * 1e3, 4),
+                    "roofline_ms": float(f"{max(fl / H200_BF16_FLOPS, by / H200_BYTES_PER_S) * 1e3:.4g}"),
                     "eager_over_fused": rows[EAGER]["this_over_fused_ms"],
                     "grouped_mm_over_fused": rows[GROUPED]["this_over_fused_ms"],
                 }
