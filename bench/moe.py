@@ -19,6 +19,13 @@ Memory: bytes of one Qwen3-30B-A3B layer's NF4 experts (`expert_bytes`) and x48 
 GPU: at the real layer shape (E=128, H=2048, I=768), tokens/s of the Triton path vs eager vs grouped_mm
 with bf16 weights, only when CUDA is present; otherwise the results say it was not measured.
 Writes bench/results/moe.json.
+
+    python -m bench.moe --load [--workdir DIR]
+
+Loading: Qwen3-30B-A3B's real shapes with 2 and 4 layers (random weights, bf16, the hub's layout), each
+loaded by `load_decoder` in a fresh process, quantizing its experts as they stream in, then saved and
+loaded again as an NF4 checkpoint; peak RSS (VmHWM over the process's baseline) and seconds of each.
+Writes bench/results/moe_load.json. The tests use the same helpers (`measure_load`, `save_real_moe`).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Qwen3MoeConfig
+from transformers import AutoConfig, Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from vlm.moe import FusedMoeExperts, expert_bytes
@@ -43,6 +50,8 @@ from vlm.moe.routing import build_plan
 from vlm.moe.torch_backend import TorchBackend
 
 RESULTS = Path(__file__).resolve().parent / "results" / "moe.json"
+LOAD_RESULTS = RESULTS.with_name("moe_load.json")
+REPO = Path(__file__).resolve().parents[1]
 REAL = {"num_experts": 128, "hidden": 2048, "intermediate": 768, "layers": 48, "top_k": 8}
 
 
@@ -269,13 +278,107 @@ def print_table(cpu: dict, threads: str) -> None:
         )
 
 
+# Runs in a fresh interpreter: the load's peak resident set is measured against the process's own baseline.
+_LOAD_SCRIPT = r"""
+import json, sys, time
+from pathlib import Path
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+from vlm.config.schema import ArchConfig, ModelConfig
+from vlm.model.decoder import load_decoder, save_nf4
+import torch, transformers, bitsandbytes, safetensors  # imported before the baseline is taken
+src, dtype, out = sys.argv[1], sys.argv[2], sys.argv[3]
+model = ModelConfig(name_or_path=src, revision=None, tokenizer=None, quantize="nf4", moe_kernel="fused",
+                    init_seed=0, arch=ArchConfig())
+base = status("VmRSS"); t0 = time.perf_counter()
+decoder = load_decoder(model, dtype)
+seconds = time.perf_counter() - t0
+peak, after = status("VmHWM"), status("VmRSS")
+if out != "-":
+    save_nf4(decoder, Path(out), src, None)
+print(json.dumps({"seconds": seconds, "baseline": base, "peak": peak, "after": after}))
+"""
+
+
+def measure_load(source: str | Path, dtype: str = "bfloat16", save_to: Path | None = None) -> dict:
+    """Load `source` with `load_decoder` (NF4, fused experts) in a fresh process: {"seconds", "baseline",
+    "peak", "after"} (bytes of VmRSS before, VmHWM, VmRSS after); optionally save the NF4 checkpoint."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    cmd = [sys.executable, "-c", _LOAD_SCRIPT, str(source), dtype, str(save_to) if save_to else "-"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        raise RuntimeError(f"loading {source} failed: {r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def real_arch(layers: int):
+    """conf/model/qwen3_30b_a3b.yaml's architecture with `layers` decoder layers."""
+    from dataclasses import replace
+
+    from vlm.config import compose, to_typed
+
+    return replace(to_typed(compose("train", ["model=qwen3_30b_a3b"])).model.arch, num_hidden_layers=layers)
+
+
+def save_real_moe(arch, out: Path, seed: int = 0) -> Path:
+    """A seeded random Qwen3MoeForCausalLM of `arch`, saved in bf16 in 1 GB shards (the hub's layout)."""
+    from transformers import AutoModelForCausalLM
+
+    from vlm.model.decoder import arch_config
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(arch_config(arch), dtype=torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="1GB")
+    return out
+
+
+def load_part(workdir: Path, layers: tuple[int, ...] = (2, 4)) -> dict:
+    from vlm.plan import terms as pt
+
+    out: dict = {}
+    for n in layers:
+        src, nf4 = workdir / f"real{n}" / "bf16", workdir / f"real{n}" / "nf4"
+        if not (src / "config.json").is_file():
+            save_real_moe(real_arch(n), src)
+        hf = AutoConfig.from_pretrained(src)
+        w, sh = pt.decoder_weights(hf, True), pt.decoder_shapes(hf)
+        quantizing = measure_load(src, "bfloat16", save_to=None if (nf4 / "config.json").is_file() else nf4)
+        loaded = measure_load(nf4, "bfloat16")
+        out[f"layers={n}"] = {
+            "from_bf16": quantizing,
+            "from_nf4_checkpoint": loaded,
+            "peak_over_baseline_gib": round((quantizing["peak"] - quantizing["baseline"]) / 2**30, 3),
+            "transient_gib": round((quantizing["peak"] - quantizing["after"]) / 2**30, 3),
+            "nf4_model_gib": round((w.nf4_bytes + w.dense_params * 2 + w.expert_nf4_bytes) / 2**30, 3),
+            "planned_stream_transient_gib": round(pt.stream_transient_bytes(sh) / 2**30, 3),
+            "one_layer_bf16_experts_gib": round(3 * sh.experts * sh.hidden * sh.expert_inter * 2 / 2**30, 3),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--threads", default="1,all", help="torch CPU thread counts to run, comma-separated")
+    ap.add_argument("--load", action="store_true", help="measure loading the real shape instead (see above)")
+    ap.add_argument("--workdir", default="/tmp/kovicap_moe_load", help="--load: where the models are written")
     args = ap.parse_args()
+    if args.load:
+        result = {"machine": machine(), "load": load_part(Path(args.workdir))}
+        result["machine"]["load_avg_at_end"] = os.getloadavg()
+        for k, v in result["load"].items():
+            print(f"{k}: from bf16 {v['from_bf16']['seconds']:.1f} s, peak +{v['peak_over_baseline_gib']:.2f} GiB "
+                  f"(transient {v['transient_gib']:.2f}); NF4 checkpoint {v['from_nf4_checkpoint']['seconds']:.2f} s")  # fmt: skip
+        LOAD_RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {LOAD_RESULTS}")
+        return
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     result: dict = {"machine": machine(), "cpu": {}}
     for n in args.threads.split(","):

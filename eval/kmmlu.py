@@ -262,10 +262,10 @@ def load_model_and_tokenizer(cfg: KmmluEntry) -> tuple[Any, Any]:
         device_map={"": device} if device != "cpu" else None,
     )
     if adapter is not None:
-        from peft import PeftModel
+        from vlm.model.lora import load_adapter  # the LoRA policy's loader: routed-expert LoRA too
 
         try:
-            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+            model = load_adapter(model, adapter)
         except Exception as e:  # a LoRA of another base: shapes or module names do not fit
             base = cfg.model.name_or_path or "the tiny decoder"
             raise UsageError(f"adapter={cfg.adapter}: cannot be applied to {base}: {e}") from e

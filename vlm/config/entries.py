@@ -96,6 +96,7 @@ class ExportEntry(CliConfig):
     merge_dtype: str = MISSING
     overwrite: bool = MISSING
     metrics: str | None = MISSING
+    quantize: bool = MISSING  # true: `checkpoint` is a Qwen3-MoE base decoder, saved as an NF4 checkpoint
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`python -m vlm.export checkpoint=CKPT output=DIR [merge=true] [overwrite=true] [metrics=REPORT.json]`."""
+"""`python -m vlm.export checkpoint=CKPT output=DIR [merge=true] [overwrite=true] [metrics=REPORT.json]`, or
+`python -m vlm.export quantize=true checkpoint=QWEN3_MOE_BASE output=DIR` (an NF4 checkpoint of the base)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ def run(cfg) -> int:
     from vlm.export.write import export
 
     cfg = to_typed(cfg)
+    if cfg.quantize and (cfg.merge or cfg.metrics is not None):
+        raise UsageError("quantize=true writes an NF4 base decoder: merge= and metrics= do not apply to it")
     metrics = read_metrics(cfg.metrics)
     out = export(cfg.checkpoint, cfg.output, merge=cfg.merge, overwrite=cfg.overwrite,
-                 merge_dtype=cfg.merge_dtype, metrics=metrics)  # fmt: skip
+                 merge_dtype=cfg.merge_dtype, metrics=metrics, quantize=cfg.quantize)  # fmt: skip
     print(f"exported to {out}")
     return 0
 

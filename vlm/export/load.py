@@ -49,10 +49,14 @@ def check_base(meta: dict[str, Any], base: str, revision: str | None = None) -> 
 
 def base_model(meta: dict[str, Any], base: str | None, quantize: str | None) -> ModelConfig:
     """The base decoder's ModelConfig: as recorded, at another location (`base`), or the seeded tiny
-    model rebuilt from its arch when its cache directory is gone (another machine)."""
+    model rebuilt from its arch when its cache directory is gone (another machine). A base trained from
+    an NF4 checkpoint loads from it (nothing to quantize) while it is there and NF4 is wanted."""
     d = meta["decoder"]
     name = base if base is not None else d["name_or_path"]
-    if base is None and d["tiny_seeded"] and not Path(name).is_dir():
+    nf4 = d.get("nf4_checkpoint")  # absent in exports written before NF4 checkpoints existed
+    if base is None and nf4 and Path(nf4).is_dir() and (quantize or d["quantize"]) == "nf4":
+        name = nf4
+    elif base is None and d["tiny_seeded"] and not Path(name).is_dir():
         name = None
     return ModelConfig(
         name_or_path=name, revision=d["revision"], tokenizer=None, quantize=quantize or d["quantize"],
@@ -85,13 +89,13 @@ def load_exported(
     quantize: "nf4" | "none"; default: as trained. merged: use `merged/` instead of base + adapter.
     device: e.g. "cuda:0"; default CPU. Returns a `VideoCaptioner` in eval mode (`.meta` is vlm.json).
     """
-    from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from projector import build_projector
     from vlm.model.captioner import VideoCaptioner
     from vlm.model.decoder import DTYPES, decoder_source, load_decoder
+    from vlm.model.lora import load_adapter
     from vlm.model.processor import Processor
     from vlm.model.tokenizer import load_tokenizer
     from vlm.model.vision import build_vision
@@ -131,8 +135,8 @@ def load_exported(
         model = base_model(meta, base, quantize)
         check_base(meta, decoder_source(model), model.revision)
         decoder = load_decoder(model, dtype, attn, device_map=device_map)
-        if adapter_dir is not None:
-            decoder = PeftModel.from_pretrained(decoder, str(adapter_dir), is_trainable=False)
+        if adapter_dir is not None:  # the LoRA policy's loader: routed-expert LoRA onto fused experts too
+            decoder = load_adapter(decoder, adapter_dir)
     decoder.requires_grad_(False)
 
     vcfg = VisionConfig(**meta["vision"]["config"])

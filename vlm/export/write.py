@@ -1,6 +1,8 @@
 """Write the export of a training checkpoint: what a user loads without this project's training code.
 
-    adapter/adapter_config.json, adapter/adapter_model.safetensors   a stock PEFT LoRA adapter
+    adapter/adapter_config.json, adapter/adapter_model.safetensors   a stock PEFT LoRA adapter; for a
+                                Qwen3-MoE the routed experts' LoRA in peft's `target_parameters` layout
+    adapter_vllm/               MoE only: the same adapter with per-expert modules (vLLM's default layout)
     projector.safetensors       the trained projector (rebuilt through the projector registry)
     vision.safetensors          the tower's weights, unless they are a named pretrained tag left frozen
     tokenizer/                  the tokenizer the model was trained with (JSON + chat template)
@@ -10,8 +12,11 @@
                                 a complete model directory (config, safetensors, tokenizer)
 
 The adapter's `base_model_name_or_path` names the real base (hub id, or the local directory training
-loaded), not the 4-bit copy in memory, so `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained
-(base), DIR/adapter)` works as is.
+loaded; for an NF4 checkpoint, the 16-bit weights it was made from), not the 4-bit copy in memory, so
+`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), DIR/adapter)` works as is.
+
+`export(SOURCE, OUT, quantize=True)` instead writes the NF4 checkpoint of a Qwen3-MoE base (hub id or
+directory), which `load_decoder` then loads without quantizing (see `vlm.model.decoder.save_nf4`).
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ from transformers import AutoConfig
 from projector import build_projector
 from vlm.config import train_config
 from vlm.config.entries import TrainEntry
+from vlm.config.schema import ArchConfig, ModelConfig
 from vlm.export.card import model_card
 from vlm.export.format import ALLOWED_SUFFIXES, FORMAT, FORMAT_VERSION, ExportError
 from vlm.model.build import tokenizer_source
-from vlm.model.decoder import decoder_source, loaded_config
+from vlm.model.decoder import decoder_source, dense_source, is_moe, loaded_config, nf4_checkpoint
 from vlm.model.lora import LoraTargets, peft_config
 from vlm.model.tokenizer import load_tokenizer
+from vlm.moe.adapter_format import to_peft, to_vllm
 from vlm.train.checkpoint import load_dir
 from vlm.util.files import atomic_write, publish_dir, temp_dir_beside
 
@@ -46,11 +53,13 @@ log = logging.getLogger(__name__)
 
 PREFIX = {"projector": "vlm.projector.", "vision": "vlm.vision.", "decoder": "vlm.decoder."}
 PEFT_ROOT = "base_model.model."
+EXPERT_LORA = ".experts.lora."  # ExpertLoRA factors: ...mlp.experts.lora.gate_up_A (see vlm.moe.lora)
 
 
 def split_state(state: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Checkpoint weights → {projector, vision, lora} (LoRA under peft's saved names, no adapter name)."""
-    out: dict[str, dict[str, torch.Tensor]] = {"projector": {}, "vision": {}, "lora": {}}
+    """Checkpoint weights → {projector, vision, lora, experts} (LoRA under peft's saved names, no adapter
+    name; experts: the ExpertLoRA factors under their module path)."""
+    out: dict[str, dict[str, torch.Tensor]] = {"projector": {}, "vision": {}, "lora": {}, "experts": {}}
     for k, v in state.items():
         if k.startswith(PREFIX["projector"]):
             out["projector"][k[len(PREFIX["projector"]) :]] = v
@@ -59,10 +68,73 @@ def split_state(state: dict[str, torch.Tensor], where: Path) -> dict[str, dict[s
         elif k.startswith(PREFIX["decoder"]) and ".lora_" in k and ".default." in k:
             # peft saves without the adapter name: ...q_proj.lora_A.default.weight → ...q_proj.lora_A.weight
             out["lora"][k[len(PREFIX["decoder"]) :].replace(".default.", ".")] = v
+        elif k.startswith(PREFIX["decoder"] + PEFT_ROOT) and EXPERT_LORA in k:
+            out["experts"][k[len(PREFIX["decoder"] + PEFT_ROOT) :]] = v
         else:
-            raise ExportError(f"{where}: trained weight {k} is neither projector, tower nor peft LoRA")
+            raise ExportError(
+                f"{where}: trained weight {k} is neither projector, tower, peft nor expert LoRA"
+            )
     if not out["projector"]:
         raise ExportError(f"{where}: checkpoint has no projector weights")
+    return out
+
+
+def expert_factors(state: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """{experts module: {part: (A (E, r, in), B (E, out, r))}} from `split_state`'s "experts"."""
+    out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for key in {k.rsplit("_", 1)[0] for k in state}:  # model.layers.0.mlp.experts.lora.gate_up
+        module, short = key.split(".lora.")
+        out.setdefault(module, {})[f"{short}_proj"] = (state[f"{key}_A"], state[f"{key}_B"])
+    return {m: out[m] for m in sorted(out)}
+
+
+def _write_adapter(folder: Path, tensors: dict[str, torch.Tensor], pcfg: Any) -> None:
+    folder.mkdir()
+    pcfg.save_pretrained(str(folder))  # peft's own adapter_config.json
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def write_adapter(tmp: Path, cfg: TrainEntry, parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """adapter/ (stock peft: Linear LoRA + experts as `target_parameters`) and, for experts, adapter_vllm/
+    (the per-expert layout); returns vlm.json's "adapter" entry."""
+    lora = cfg.train.lora
+    modules = sorted({k[len(PEFT_ROOT) :].split(".lora_")[0] for k in parts["lora"]})
+    experts = expert_factors(parts["experts"])
+    expert_parts = tuple(p for p in ("gate_up_proj", "down_proj") if any(p in f for f in experts.values()))
+    base, revision = dense_source(cfg.model)
+    tensors = dict(parts["lora"])
+    for module, factors in experts.items():
+        tensors.update(to_peft(module, factors))
+    targets = LoraTargets(tuple(modules), tuple(experts), expert_parts)
+    pcfg = peft_config(targets, lora, with_experts=True, base_model_name_or_path=base, revision=revision,
+                       inference_mode=True)  # fmt: skip
+    _write_adapter(tmp / "adapter", tensors, pcfg)
+    short = sorted({m.rsplit(".", 1)[1] for m in modules})
+    entry: dict[str, Any] = {
+        "path": "adapter",
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "target_modules": short,
+    }
+    if experts:
+        # vLLM's default Qwen3-MoE path (and transformers 4.x) name every expert's gate/up/down Linear.
+        flat = dict(parts["lora"])
+        for module, factors in experts.items():
+            flat.update(to_vllm(module, factors))
+        per_expert = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+        names = sorted({*short, *(n for p in expert_parts for n in per_expert[p])})
+        _write_adapter(tmp / "adapter_vllm", flat, _vllm_config(pcfg, names))
+        entry["target_modules"] = [*short, *(f"experts.{p}" for p in expert_parts)]
+        entry["experts"] = {"modules": len(experts), "parts": list(expert_parts), "vllm_path": "adapter_vllm"}
+    return entry
+
+
+def _vllm_config(pcfg: Any, names: list[str]) -> Any:
+    """The stock adapter's config, with short module names (every expert's gate/up/down Linear matches)."""
+    import copy
+
+    out = copy.deepcopy(pcfg)
+    out.target_modules, out.target_parameters = set(names), None
     return out
 
 
@@ -112,10 +184,14 @@ def export(
     overwrite: bool = False,
     merge_dtype: str = "bfloat16",
     metrics: dict[str, Any] | None = None,
+    quantize: bool = False,
 ) -> Path:
-    """Write the export of training checkpoint `checkpoint` to directory `output`; returns `output`."""
+    """Write the export of training checkpoint `checkpoint` to directory `output`; returns `output`.
+    quantize=True: `checkpoint` is a Qwen3-MoE base decoder instead, saved as an NF4 checkpoint."""
     from vlm.model.vision import build_vision_on_meta
 
+    if quantize:
+        return save_nf4_base(str(checkpoint), output, overwrite=overwrite)
     ckpt_path, out = Path(checkpoint), Path(output)
     if merge_dtype not in ("bfloat16", "float16", "float32"):
         raise ExportError(f"merge_dtype={merge_dtype!r}: expected bfloat16, float16 or float32")
@@ -136,23 +212,14 @@ def export(
         vis_state = _tower_state(cfg, parts["vision"])
         if vis_state is not None:
             save_file(vis_state, tmp / "vision.safetensors", metadata={"format": "pt"})
-        adapter = None
-        if parts["lora"]:
-            lora = cfg.train.lora
-            modules = sorted({k[len(PEFT_ROOT) :].split(".lora_")[0] for k in parts["lora"]})
-            pcfg = peft_config(
-                LoraTargets(tuple(modules)), lora, base_model_name_or_path=base,
-                revision=cfg.model.revision if cfg.model.name_or_path else None, inference_mode=True,
-            )  # fmt: skip
-            (tmp / "adapter").mkdir()
-            pcfg.save_pretrained(str(tmp / "adapter"))  # peft's own adapter_config.json
-            save_file(parts["lora"], tmp / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
-            adapter = {"path": "adapter", "r": lora.r, "lora_alpha": lora.alpha,
-                       "target_modules": sorted({m.rsplit(".", 1)[1] for m in modules})}  # fmt: skip
+        adapter = write_adapter(tmp, cfg, parts) if parts["lora"] or parts["experts"] else None
         load_tokenizer(tokenizer_source(cfg.model)).save_pretrained(str(tmp / "tokenizer"))
+        dense, revision = dense_source(cfg.model)  # an NF4 checkpoint names its 16-bit source
         meta = _metadata(
-            cfg, ck, ckpt_path, base, hf, adapter, proj.metadata(), vis_state is not None, metrics or {}
+            cfg, ck, ckpt_path, dense, hf, adapter, proj.metadata(), vis_state is not None, metrics or {}
         )
+        meta["decoder"]["revision"] = revision
+        meta["decoder"]["nf4_checkpoint"] = base if nf4_checkpoint(base) is not None else None
         if merge:
             from vlm.export.merge import merge_decoder
 
@@ -172,6 +239,46 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("exported %s → %s (%s)", ckpt_path, out, meta["id"])
+    return out
+
+
+def save_nf4_base(
+    source: str, output: str | os.PathLike, overwrite: bool = False, device: str | None = None
+) -> Path:
+    """Load a Qwen3-MoE base (hub id or directory) straight into NF4, experts streamed, and write it to
+    `output` as an NF4 checkpoint plus its tokenizer. Non-quantized tensors keep the source's dtype.
+    device: where to quantize (e.g. "cuda:0", much faster than the CPU default)."""
+    from vlm.model.decoder import load_decoder, save_nf4
+
+    out = Path(output)
+    try:
+        hf = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ExportError(
+            f"checkpoint={source}: not a decoder to quantize ({str(e).splitlines()[0]})"
+        ) from None
+    if not is_moe(hf):
+        raise ExportError(
+            f"checkpoint={source}: quantize=true saves Qwen3-MoE decoders (NF4 experts); this is {hf.model_type}"
+        )
+    if nf4_checkpoint(source) is not None:
+        raise ExportError(f"checkpoint={source}: already an NF4 checkpoint")
+    dtype = str(getattr(hf, "dtype", None) or "bfloat16").removeprefix("torch.")
+    model = ModelConfig(name_or_path=source, revision=None, tokenizer=None, quantize="nf4",
+                        moe_kernel="fused", init_seed=0, arch=ArchConfig())  # fmt: skip
+    tmp = _prepare_output(out, overwrite)
+    try:
+        dtype = dtype if dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+        decoder = load_decoder(model, dtype, device_map={"": device} if device else None)
+        source = str(Path(source).resolve()) if Path(source).is_dir() else source
+        save_nf4(decoder, tmp, source, None)
+        del decoder
+        load_tokenizer(tokenizer_source(model)).save_pretrained(str(tmp))
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved NF4 checkpoint of %s → %s", source, out)
     return out
 
 

@@ -3,7 +3,9 @@
 Public API:
     use_fused_moe(model, *, quantize=True, backend="auto", lora_r=0, lora_alpha=None) -> int
     expert_bytes(num_experts, hidden, intermediate) -> int
-    FusedMoeExperts, ExpertLoRA, quantize_nf4, dequantize_nf4, NF4Experts
+    FusedMoeExperts (with `add_lora`), ExpertLoRA, quantize_nf4, dequantize_nf4, NF4Experts
+    vlm.moe.load: build with fused experts and stream a checkpoint's experts into NF4 (the loader's path)
+    vlm.moe.adapter_format: ExpertLoRA <-> peft's 3D `target_parameters` layout and vLLM's per-expert one
 Triton is imported only when the Triton backend is first used (tests set TRITON_INTERPRET=1 first).
 """
 

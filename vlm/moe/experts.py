@@ -133,7 +133,7 @@ def moe_experts(
 ) -> torch.Tensor:
     """Experts output (T, H) for `x (T, H)` routed by `top_k_index/top_k_weights (T, k)`."""
     plan = build_plan(top_k_index, gate_up.num_experts, backend.block_m)
-    extra_gu = lora.gate_up(plan.gather_tokens(x), plan) if lora is not None else None
+    extra_gu = lora.gate_up(x, plan) if lora is not None else None  # (P, 2I) | None
     h = _GateUp.apply(x, extra_gu, plan, gate_up, backend)  # (P, I)
-    extra_d = lora.down(h, plan) if lora is not None else None
+    extra_d = lora.down(h, plan) if lora is not None else None  # (P, H) | None
     return _Down.apply(h, top_k_weights, extra_d, plan, down, backend)

@@ -1,9 +1,11 @@
-"""`use_fused_moe(model)`: swap every Qwen3-MoE experts module of a loaded model for `FusedMoeExperts`.
+"""`use_fused_moe(model)`: swap every Qwen3-MoE experts module of an already built model for `FusedMoeExperts`.
 
-Called by the model loader after `from_pretrained` when `model.moe_kernel == "fused"`. Idempotent:
-modules already swapped are left alone, so calling it twice swaps nothing the second time. Module
-paths (and so state-dict prefixes) do not change; only the experts' own tensors become NF4 buffers,
-and a dense checkpoint still loads into the swapped model (see `FusedMoeExperts`).
+The loader does not use this (it builds the model with fused experts and streams the weights into them,
+see `vlm.moe.load`); it serves models built in memory (tests, benchmarks, meta-device builds for the
+planner). Idempotent: modules already swapped are left alone. Module paths (and so state-dict prefixes)
+do not change; only the experts' own tensors become NF4 buffers, and a dense checkpoint still loads into
+the swapped model (see `FusedMoeExperts`). Each dense module is dropped as soon as it is replaced, so the
+peak is the NF4 model plus one layer's dense experts, not every layer's.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ from torch import nn
 from vlm.moe.module import BackendName, FusedMoeExperts
 
 
-def _is_qwen3_moe_experts(module: nn.Module) -> bool:
+def is_dense_experts(module: nn.Module) -> bool:
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
     return isinstance(module, Qwen3MoeExperts)
+
+
+def check_activation(name: str, config: object) -> None:
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{name}: fused experts implement SiLU·up, the model uses {act!r}")
 
 
 def use_fused_moe(
@@ -34,36 +42,25 @@ def use_fused_moe(
         frees the dense copies. False only allocates empty NF4 buffers (e.g. for a model built on the
         meta device) that a later `load_state_dict` fills from dense or NF4 tensors.
     backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
-    lora_r / lora_alpha: rank and alpha of per-expert LoRA adapters (0: none); only the adapters train.
+    lora_r / lora_alpha: rank and alpha of fresh per-expert LoRA adapters (0: none). Training attaches
+        them through the LoRA policy (`vlm.model.lora`) instead.
     """
-    targets = [(name, m) for name, m in model.named_modules() if _is_qwen3_moe_experts(m)]
-    for name, experts in targets:
-        act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{name}: fused experts implement SiLU·up, the model uses {act!r}")
-        if quantize:
-            fused = FusedMoeExperts.from_experts(
-                experts, backend=backend, lora_r=lora_r, lora_alpha=lora_alpha
-            )
-        else:
-            e, two_i, h = experts.gate_up_proj.shape
-            dev = experts.gate_up_proj.device
-            fused = FusedMoeExperts(
-                e,
-                h,
-                two_i // 2,
-                backend=backend,
-                lora_r=lora_r,
-                lora_alpha=lora_alpha,
-                device=None if dev.type == "meta" else dev,
-            )
-        if fused.lora is not None:
-            fused.lora.to(
-                experts.gate_up_proj.dtype if experts.gate_up_proj.dtype.is_floating_point else None
-            )
+    names = [name for name, m in model.named_modules() if is_dense_experts(m)]
+    for name in names:  # names only: holding the modules would keep every dense layer alive
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
-        del experts
-    if targets and torch.cuda.is_available():
+        parent = model.get_submodule(parent_name) if parent_name else model
+        experts = getattr(parent, child)
+        check_activation(name, getattr(experts, "config", None))
+        e, two_i, h = experts.gate_up_proj.shape
+        dev = experts.gate_up_proj.device
+        fused = FusedMoeExperts(
+            e, h, two_i // 2, backend=backend, lora_r=lora_r, lora_alpha=lora_alpha, device=dev
+        )
+        if quantize and dev.type != "meta":
+            fused.set_dense("gate_up_proj", experts.gate_up_proj)
+            fused.set_dense("down_proj", experts.down_proj)
+        setattr(parent, child, fused)
+        del experts  # the last reference to this layer's dense tensors
+    if names and torch.cuda.is_available():
         torch.cuda.empty_cache()  # return the dense experts' memory before training allocates
-    return len(targets)
+    return len(names)

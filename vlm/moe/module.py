@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from vlm.moe.experts import Backend, TorchBackend, moe_experts
-from vlm.moe.lora import ExpertLoRA
-from vlm.moe.nf4 import BLOCK, BLOCK2, NF4Experts, dequantize_nf4, quantize_nf4
+from vlm.moe.lora import PARTS, ExpertLoRA
+from vlm.moe.nf4 import BLOCK, BLOCK2, NF4Builder, NF4Experts, dequantize_nf4, experts_per_chunk
 
 BackendName = Literal["auto", "triton", "torch"]
 _NAMES = ("gate_up_proj", "down_proj")
@@ -72,11 +72,15 @@ class FusedMoeExperts(nn.Module):
                 f"{name}_absmax2", torch.zeros(e, -(-nb // BLOCK2), dtype=torch.int32, device=device)
             )
             self.register_buffer(f"{name}_offset", torch.zeros(e, dtype=torch.int32, device=device))
-        self.lora = (
-            ExpertLoRA(num_experts, hidden_dim, intermediate_dim, lora_r, lora_alpha).to(device)
-            if lora_r
-            else None
-        )
+        self.lora: ExpertLoRA | None = None
+        if lora_r:
+            self.add_lora(lora_r, lora_alpha)
+
+    def add_lora(self, r: int, alpha: float | None = None, parts: tuple[str, ...] = PARTS) -> ExpertLoRA:
+        """Fresh per-expert LoRA factors (float32, trainable) on the buffers' device; replaces any."""
+        with torch.device(self.gate_up_proj_q.device):  # meta builds (the planner) allocate nothing
+            self.lora = ExpertLoRA(self.num_experts, self.hidden_dim, self.intermediate_dim, r, alpha, parts)
+        return self.lora
 
     # -- storage -------------------------------------------------------------------------------
     def _shape(self, name: str) -> tuple[int, int, int]:
@@ -96,12 +100,27 @@ class FusedMoeExperts(nn.Module):
 
     @torch.no_grad()
     def set_dense(self, name: str, weight: torch.Tensor) -> None:
-        """Quantize a dense `[E, N, K]` weight (any float dtype, any device) into this module's buffers."""
+        """Quantize a dense `[E, N, K]` weight (any float dtype, any device) into this module's buffers,
+        a few experts at a time (bounded scratch memory)."""
         if tuple(weight.shape) != self._shape(name):
             raise ValueError(f"{name}: expected shape {self._shape(name)}, got {tuple(weight.shape)}")
-        t = quantize_nf4(weight.to(self.gate_up_proj_q.device))
+        build = self.quantizer(name)
+        step = experts_per_chunk(*weight.shape[1:])
+        for e0 in range(0, self.num_experts, step):
+            build.add(e0, weight[e0 : e0 + step])
+        self.set_nf4(name, build.finish())
+
+    def quantizer(self, name: str) -> NF4Builder:
+        """An `NF4Builder` for `name` on this module's device: feed it experts, then `set_nf4(name, ...)`."""
+        return NF4Builder(self._shape(name), self.gate_up_proj_q.device, q=getattr(self, f"{name}_q"))
+
+    @torch.no_grad()
+    def set_nf4(self, name: str, t: NF4Experts) -> None:
+        """Store an already quantized `name` (float32 statistics kept as their int32 bit patterns)."""
         for s, v in (("q", t.q), ("absmax", t.absmax), ("absmax2", t.absmax2), ("offset", t.offset)):
-            getattr(self, f"{name}_{s}").copy_(v.view(torch.int32) if v.dtype == torch.float32 else v)
+            buf = getattr(self, f"{name}_{s}")
+            if v.data_ptr() != buf.data_ptr():  # a builder of ours wrote the codes in place already
+                buf.copy_(v.view(torch.int32) if v.dtype == torch.float32 else v)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up_proj [E, 2I, H], down_proj [E, H, I]) exactly as bitsandbytes would de-quantize them."""
@@ -138,7 +157,14 @@ class FusedMoeExperts(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         backend = resolve_backend(self.backend_name, hidden_states.device)
-        return moe_experts(
+        dtype = hidden_states.dtype
+        dev = hidden_states.device.type
+        if torch.is_autocast_enabled(dev):
+            # Our autograd Functions are opaque to autocast; compute in its dtype as transformers' experts
+            # (F.linear under autocast) would, and hand back the caller's dtype as their index_add_ does.
+            low = torch.get_autocast_dtype(dev)
+            hidden_states, top_k_weights = hidden_states.to(low), top_k_weights.to(low)
+        out = moe_experts(
             hidden_states,
             top_k_index,
             top_k_weights,
@@ -147,10 +173,10 @@ class FusedMoeExperts(nn.Module):
             backend,
             self.lora,
         )
+        return out.to(dtype)
 
     def extra_repr(self) -> str:
-        r = self.lora.r if self.lora is not None else 0
         return (
             f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
-            f"nf4, backend={self.backend_name}, lora_r={r}"
+            f"nf4, backend={self.backend_name}"
         )

@@ -108,12 +108,13 @@ def _check_shape(shape: tuple[int, ...]) -> None:
 
 
 def _blockwise_absmax(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E, n) -> absmax (E, n/block) and x scaled into [-1, 1], exactly as bitsandbytes' CPU ops do."""
+    """(E, n) float32 -> absmax (E, n/block) and x scaled into [-1, 1] *in place*, as bitsandbytes' CPU
+    ops compute them (multiply by the reciprocal, then clamp). `x` must be a scratch copy."""
     e = x.shape[0]
-    xb = x.reshape(e, -1, block)  # (E, nblk, block)
+    xb = x.view(e, -1, block)  # (E, nblk, block)
     amax = xb.abs().amax(-1)  # (E, nblk)
-    scaled = torch.clamp(xb * (1.0 / amax.clamp(min=1e-38)).unsqueeze(-1), -1, 1)
-    return amax, scaled.reshape(e, -1)
+    xb.mul_((1.0 / amax.clamp(min=1e-38)).unsqueeze(-1)).clamp_(-1, 1)
+    return amax, x
 
 
 def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -133,8 +134,79 @@ def _quantize_absmax(centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if op is not None:
         codes, amax2 = op(centred.contiguous(), dynamic_code(centred.device), BLOCK2)
         return codes.reshape(centred.shape), amax2.reshape(centred.shape[0], -1)
-    amax2, scaled2 = _blockwise_absmax(centred, BLOCK2)
+    amax2, scaled2 = _blockwise_absmax(centred.clone(), BLOCK2)
     return _nearest(scaled2, dynamic_code(centred.device)), amax2
+
+
+# Experts quantized per pass: the float32 scratch of one pass is ~2x this many bytes of 16-bit weights,
+# so quantizing a layer never needs more than a bounded transient on top of its NF4 result.
+CHUNK_BYTES = 64 << 20
+
+
+def experts_per_chunk(n: int, k: int) -> int:
+    return max(1, CHUNK_BYTES // (2 * n * k))
+
+
+@torch.no_grad()
+def quantize_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First stage for experts `w` (e, N, K): packed NF4 codes (e, NK/2) uint8 and float32 absmax (e, nb).
+
+    Each expert's blocks depend only on that expert, so a tensor can be quantized a few experts at a
+    time (see `NF4Builder`) with exactly the codes of one pass over all of it."""
+    e, n, k = w.shape
+    x = w.reshape(e, n * k).to(torch.float32, copy=True)  # (e, NK) scratch, scaled in place
+    amax, scaled = _blockwise_absmax(x, BLOCK)  # (e, nb), (e, NK)
+    codes = _nearest(scaled, nf4_code(w.device))  # (e, NK) values 0..15
+    del x, scaled
+    return (codes[:, 0::2] << 4) | codes[:, 1::2], amax  # (e, NK/2), (e, nb)
+
+
+def double_quantize(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Second stage: absmax (E, nb) float32 -> (uint8 codes (E, nb), absmax2 (E, nb2), offset (E,)).
+
+    Each expert's absmax vector has its mean subtracted (`offset`) and is quantized to 8 bits in blocks
+    of 256, zero-padded per expert so blocks never mix experts (padding leaves every block's max as is)."""
+    nb = amax.shape[1]
+    offset = amax.mean(-1)  # (E,)
+    centred = torch.nn.functional.pad(amax - offset[:, None], (0, -nb % BLOCK2))  # (E, nb2*256)
+    codes2, amax2 = _quantize_absmax(centred)  # (E, nb2*256), (E, nb2)
+    return codes2[:, :nb].contiguous(), amax2.contiguous(), offset.contiguous()
+
+
+class NF4Builder:
+    """Quantizes one `[E, N, K]` tensor a few experts at a time into preallocated storage.
+
+    `add(e0, w)` takes experts e0.. (dense, any float dtype, any device); `finish()` double-quantizes
+    the collected absmax once and returns the `NF4Experts`. Peak memory: the result plus one chunk's
+    float32 scratch and the float32 absmax, never the whole tensor in 16 bits."""
+
+    def __init__(
+        self, shape: tuple[int, int, int], device: torch.device | str, q: torch.Tensor | None = None
+    ):
+        """q: where the packed codes go (e.g. the module's own buffer, so nothing is copied at the end)."""
+        _check_shape(shape)
+        e, n, k = shape
+        self.shape, self.done = shape, 0
+        self.q = q if q is not None else torch.empty(e, n * k // 2, dtype=torch.uint8, device=device)
+        if self.q.shape != (e, n * k // 2) or self.q.dtype != torch.uint8:
+            raise ValueError(f"codes buffer {tuple(self.q.shape)} {self.q.dtype} does not fit {shape}")
+        self.amax = torch.empty(e, n * k // BLOCK, dtype=torch.float32, device=self.q.device)
+
+    def add(self, e0: int, w: torch.Tensor) -> None:
+        if tuple(w.shape[1:]) != self.shape[1:] or e0 + w.shape[0] > self.shape[0]:
+            raise ValueError(
+                f"experts {e0}+{w.shape[0]} of shape {tuple(w.shape[1:])} do not fit {self.shape}"
+            )
+        q, amax = quantize_codes(w.to(self.q.device))
+        self.q[e0 : e0 + w.shape[0]] = q
+        self.amax[e0 : e0 + w.shape[0]] = amax
+        self.done += w.shape[0]
+
+    def finish(self) -> NF4Experts:
+        if self.done != self.shape[0]:
+            raise ValueError(f"{self.done} of {self.shape[0]} experts were quantized")
+        absmax, absmax2, offset = double_quantize(self.amax)
+        return NF4Experts(self.q, absmax, absmax2, offset, self.shape)
 
 
 @torch.no_grad()
@@ -142,23 +214,11 @@ def quantize_nf4(w: torch.Tensor) -> NF4Experts:
     """Quantize `w` `[E, N, K]` (fp32/bf16/fp16) per expert; equal to bitsandbytes' quantize_4bit per slice."""
     _check_shape(tuple(w.shape))
     e, n, k = w.shape
-    x = w.reshape(e, n * k).float()  # (E, NK)
-    amax, scaled = _blockwise_absmax(x, BLOCK)  # (E, nb), (E, NK)
-    codes = _nearest(scaled, nf4_code(w.device))  # (E, NK) values 0..15
-    q = (codes[:, 0::2] << 4) | codes[:, 1::2]  # (E, NK/2)
-
-    # Double quantization of each expert's absmax, with zero padding up to a multiple of 256 so the
-    # blocks of one expert never mix with the next (padding leaves every block's max unchanged).
-    nb = amax.shape[1]
-    offset = amax.mean(-1)  # (E,)
-    centred = amax - offset[:, None]
-    pad = -nb % BLOCK2
-    centred = torch.nn.functional.pad(centred, (0, pad))  # (E, nb2*256)
-    codes2, amax2 = _quantize_absmax(centred)  # (E, nb2*256), (E, nb2)
-    absmax_q = codes2[:, :nb]  # (E, nb)
-    return NF4Experts(
-        q.contiguous(), absmax_q.contiguous(), amax2.contiguous(), offset.contiguous(), (e, n, k)
-    )
+    build = NF4Builder((e, n, k), w.device)
+    step = experts_per_chunk(n, k)
+    for e0 in range(0, e, step):
+        build.add(e0, w[e0 : e0 + step])
+    return build.finish()
 
 
 def dequantize_absmax(t: NF4Experts) -> torch.Tensor:

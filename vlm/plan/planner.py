@@ -40,6 +40,8 @@ class Plan:
     visual_tokens: int
     labelled_tokens: int
     layers: int  # decoder layers of the planned model
+    load_bytes: int = 0  # peak while the decoder loads (before training allocates anything)
+    load_note: str = ""
 
     @property
     def total_bytes(self) -> int:
@@ -74,6 +76,8 @@ class Plan:
             "visual_tokens": self.visual_tokens,
             "labelled_tokens": self.labelled_tokens,
             "layers": self.layers,
+            "load_gib": round(self.load_bytes / GIB, 4),
+            "load_note": self.load_note,
         }
 
 
@@ -131,17 +135,19 @@ def plan_memory(cfg: Any) -> Plan:
     terms.append(("vision_tower", vis_w, vis_note))
     n_proj = sum(p.numel() for p in proj.parameters() if p.requires_grad)
     terms.append(("projector", n_proj * 16, f"{n_proj / 1e6:.2f}M params x (fp32 weight + grad + 2 AdamW)"))
+    parts: tuple[str, ...] = ()
     if lora is not None:
-        n_lora, n_lora_experts, targets = pt.lora_params(hf, lora)
-        note = f"{n_lora / 1e6:.1f}M params (r={lora.r}; {n_lora_experts / 1e6:.0f}M on experts) x (fp32 weight + grad + 2 AdamW)"
-        terms.append(("lora", n_lora * 16, note))
+        count = pt.lora_params(hf, lora, cfg.model.moe_kernel)
+        targets, parts = count.targets, count.expert_parts
+        note = f"{count.params / 1e6:.1f}M params (r={lora.r}; {count.expert_params / 1e6:.0f}M on experts) x (fp32 weight + grad + 2 AdamW)"
+        terms.append(("lora", count.params * 16, note))
     else:
-        n_lora_experts, targets = 0, ()
+        targets = ()
         terms.append(("lora", 0, f"{st.stage}: no LoRA"))
 
     # -- transient: what forward keeps for backward, and the buffers around it -------------------
     per_layer = pt.decoder_layer_saved(
-        sh, b, s, frozenset(targets), lora.r if lora else 0, bool(lora and lora.dropout > 0)
+        sh, b, s, frozenset(targets), lora.r if lora else 0, bool(lora and lora.dropout > 0), parts, fused
     )
     final = 4 * sh.hidden + s * sh.hidden  # final norm's fp32 upcast + last_hidden_state kept for the head
     if ckpt:  # each layer keeps its input; one layer is recomputed at a time during backward
@@ -175,12 +181,17 @@ def plan_memory(cfg: Any) -> Plan:
                 f"{cfg.gpu.compute_dtype} copy of the fp32 lm_head",
             )
         )
-    grads = n_tok * pt.backward_working_set(sh, b, s)
+    grads = n_tok * pt.backward_working_set(sh, b, s, bool(parts))
     dequant = w.largest_nf4_numel * b * 2 if quantized else 0  # forward/backward dequant + its transposed use
     mask = batch * (n_tok // batch) ** 2  # (B, 1, T, T) bool SDPA mask for padded rows
-    temp = grads + dequant + mask
+    # ExpertLoRA casts its fp32 factors to the compute dtype per call and GroupedMM keeps the copies for
+    # backward: one layer's (and their gradients) when checkpointed, every layer's otherwise.
+    casts = pt.expert_lora_layer_numel(sh, lora.r, parts) * b if parts and b < 4 else 0
+    casts *= 2 if ckpt else sh.layers + 1
+    temp = grads + dequant + mask + casts
     terms.append(("temporary_buffers", temp, f"layer grads {grads / GIB:.2f} GiB + NF4 dequant of "
-                  f"{w.largest_nf4_numel / 1e6:.0f}M weights + bool attention mask"))  # fmt: skip
+                  f"{w.largest_nf4_numel / 1e6:.0f}M weights + bool attention mask"
+                  + (f" + ExpertLoRA casts {casts / GIB:.2f} GiB" if casts else "")))  # fmt: skip
     transient = sum(x for n, x, _ in terms if n in ("decoder_activations", "projector_activations",
                     "vision_activations", "logits", "temporary_buffers"))  # fmt: skip
     ps = cfg.plan
@@ -189,7 +200,24 @@ def plan_memory(cfg: Any) -> Plan:
     terms.append(
         ("cuda_context", int(ps.cuda_context_gib * GIB), "CUDA context + library workspaces (constant)")
     )
-    return Plan(terms, cfg.gpu.memory_gib, n_tok, batch * visual, n_lab, sh.layers)
+    load, load_note = load_peak(w, sh, b, quantized, fused, ps.cuda_context_gib)
+    return Plan(terms, cfg.gpu.memory_gib, n_tok, batch * visual, n_lab, sh.layers, load, load_note)
+
+
+def load_peak(w: pt.DecoderWeights, sh: pt.Shapes, b: int, quantized: bool, fused: bool, ctx_gib: float):
+    """(bytes, note) of the peak while the decoder loads from 16-bit weights: the loaded model (dense
+    tensors in the compute dtype, not yet upcast by k-bit preparation) plus the larger transient of the
+    two phases: bitsandbytes quantizing its largest Linear (the weight in the compute dtype and as much
+    scratch), or `vlm.moe.load` quantizing one chunk of experts. Tensors are read from memory-mapped
+    shards straight to the device, so nothing else is staged; an NF4 checkpoint needs neither transient."""
+    experts = (w.expert_nf4_bytes if fused else w.expert_params * b) if sh.experts else 0
+    model = w.nf4_bytes + w.dense_params * b + experts
+    linear = w.largest_nf4_numel * 2 * b if quantized else 0
+    stream = pt.stream_transient_bytes(sh) if sh.experts and fused else 0
+    total = model + max(linear, stream) + int(ctx_gib * GIB)
+    note = (f"model {model / GIB:.2f} GiB + max(Linear quantization {linear / GIB:.2f}, experts chunk "
+            f"{stream / GIB:.2f}) GiB + CUDA context")  # fmt: skip
+    return total, note
 
 
 def check_fits(cfg: Any) -> None:
@@ -201,6 +229,11 @@ def check_fits(cfg: Any) -> None:
     if cfg.gpu.memory_gib is None or cfg.plan.force:
         return
     plan = plan_memory(cfg)
+    if plan.load_bytes > plan.capacity_gib * GIB:
+        raise PlanError(
+            f"loading the decoder peaks at {plan.load_bytes / GIB:.1f} GiB, over gpu={cfg.gpu.name} "
+            f"({plan.capacity_gib:g} GiB): {plan.load_note}; try a smaller model=... (or plan.force=true)"
+        )
     if plan.fits:
         return
     top = sorted(plan.terms, key=lambda t: -t[1])[:3]
@@ -226,6 +259,7 @@ def format_table(plan: Plan, title: str = "") -> str:
     rows.append(f"{'term':<26}{'GiB':>9}  note")
     rows += [f"{n:<26}{b / GIB:>9.3f}  {note}" for n, b, note in plan.terms]
     rows.append(f"{'total':<26}{plan.total_gib:>9.3f}")
+    rows.append(f"{'load peak':<26}{plan.load_bytes / GIB:>9.3f}  {plan.load_note}")
     if plan.capacity_gib is None:
         rows.append("capacity: none (cpu tier): nothing to check")
     else:

@@ -23,6 +23,7 @@ from vlm.config.schema import LoraConfig, VisionConfig
 from vlm.model.decoder import build_on_meta
 from vlm.model.lora import attach_lora
 from vlm.moe import expert_bytes
+from vlm.moe.nf4 import experts_per_chunk
 
 NF4_BLOCK = 64  # bitsandbytes blocksize for 4-bit weights (transformers' BitsAndBytesConfig default)
 NESTED_BLOCK = 256  # double quantization quantizes the absmax vector in blocks of 256
@@ -46,8 +47,8 @@ def config_key(config: PretrainedConfig) -> str:
     return config.to_json_string(use_diff=False)
 
 
-def _meta_decoder(key: str) -> nn.Module:
-    return build_on_meta(AutoConfig.for_model(**json.loads(key)))
+def _meta_decoder(key: str, moe_kernel: str = "eager") -> nn.Module:
+    return build_on_meta(AutoConfig.for_model(**json.loads(key)), moe_kernel)
 
 
 @dataclass(frozen=True)
@@ -87,18 +88,37 @@ def decoder_weights(config: PretrainedConfig, quantize: bool) -> DecoderWeights:
     return _decoder_weights(config_key(config), quantize)
 
 
+@dataclass(frozen=True)
+class LoraCount:
+    """What the LoRA policy builds on the decoder training loads (`attach_lora` on a meta build)."""
+
+    params: int  # every trainable LoRA parameter
+    expert_params: int  # of which on the routed experts (ExpertLoRA)
+    targets: tuple[str, ...]  # short names of the Linear modules peft wraps
+    expert_parts: tuple[str, ...]  # the experts' tensors with an ExpertLoRA ("gate_up_proj", "down_proj")
+
+
 @lru_cache(maxsize=16)
-def _lora_params(key: str, lora_key: str) -> tuple[int, int, tuple[str, ...]]:
+def _lora_params(key: str, lora_key: str, moe_kernel: str) -> LoraCount:
     lora = LoraConfig(**json.loads(lora_key))
-    model = attach_lora(_meta_decoder(key), lora)  # the policy training uses, on a fresh meta build
+    model = attach_lora(_meta_decoder(key, moe_kernel), lora)  # the policy training uses, on a meta build
     trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
-    targets = tuple(sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in trainable}))
-    return sum(n for _, n in trainable), sum(n for name, n in trainable if ".experts." in name), targets
+    experts = [(n, k) for n, k in trainable if ".experts.lora." in n]  # ...experts.lora.gate_up_A
+    targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in trainable if ".lora_" in n}
+    parts = {n.rsplit(".", 1)[-1].rsplit("_", 1)[0] + "_proj" for n, _ in experts}
+    order = ("gate_up_proj", "down_proj")
+    return LoraCount(
+        sum(k for _, k in trainable),
+        sum(k for _, k in experts),
+        tuple(sorted(targets)),
+        tuple(p for p in order if p in parts),
+    )
 
 
-def lora_params(config: PretrainedConfig, lora: LoraConfig) -> tuple[int, int, tuple[str, ...]]:
-    """(all, on MoE experts) trainable LoRA parameters, and the short names of the wrapped modules."""
-    return _lora_params(config_key(config), json.dumps(asdict(lora), sort_keys=True))
+def lora_params(config: PretrainedConfig, lora: LoraConfig, moe_kernel: str = "fused") -> LoraCount:
+    """Trainable LoRA parameters (all, on MoE experts) and what they sit on, for a decoder loaded with
+    `moe_kernel` (fused: experts get ExpertLoRA; eager: attention only)."""
+    return _lora_params(config_key(config), json.dumps(asdict(lora), sort_keys=True), moe_kernel)
 
 
 @lru_cache(maxsize=8)
@@ -151,7 +171,16 @@ def decoder_shapes(c: PretrainedConfig) -> Shapes:
     )
 
 
-def decoder_layer_saved(sh: Shapes, b: int, s: int, lora: frozenset[str], r: int, dropout: bool) -> int:
+def decoder_layer_saved(
+    sh: Shapes,
+    b: int,
+    s: int,
+    lora: frozenset[str],
+    r: int,
+    dropout: bool,
+    expert_parts: tuple[str, ...] = (),
+    fused: bool = True,
+) -> int:
     """Bytes autograd keeps per token for one decoder layer (forward saved for backward), no recompute.
 
     b = compute-dtype bytes (matmul outputs under autocast), s = residual-stream bytes (b; or 4 once
@@ -165,8 +194,12 @@ def decoder_layer_saved(sh: Shapes, b: int, s: int, lora: frozenset[str], r: int
                                                  a mask, so transformers skips enable_gqa), output, lse
       SwiGLU (dense)        3·s·I                gate (SiLU), silu(gate) and up (their product)
       MoE router            4·E + 24·k           fp32 softmax, top-k weights and their renormalisation
-      MoE per routed slot   b·(H + 3·Ie)         gate_up out, silu out, expert out (the routing weight
-                                                 multiplies it, and that weight needs a gradient)
+      MoE per routed slot   b·3·Ie (fused)       [gate|up] pre-activation and SiLU·up (vlm.moe.experts:
+                                                 the expert output is not kept, the routing-weight
+                                                 gradient is <g, h>); eager keeps the output too: +b·H
+      ExpertLoRA per slot   b·(H + r) gate_up    the gathered rows and the rank-r middle (GroupedMM);
+                            b·(H + r) down       the additive output (_Down keeps it for the routing-
+                                                 weight gradient) and the middle; h is kept anyway
       LoRA per target       (1 + b)·in + b·r     dropout mask + dropout out (lora_A's input), A out;
                                                  without dropout lora_A keeps the shared normed input
     """
@@ -184,7 +217,8 @@ def decoder_layer_saved(sh: Shapes, b: int, s: int, lora: frozenset[str], r: int
     attn = (4 * h + 4) + 4 * (nq + nkv) * d + 4 * b * nq * d + 4 * nq
     attn += lora_cost(("q_proj", "k_proj", "v_proj"), h) + lora_cost(("o_proj",), nq * d)
     if sh.experts:
-        mlp = (4 * h + 4) + 4 * sh.experts + 24 * sh.top_k + sh.top_k * b * (h + 3 * sh.expert_inter)
+        slot = b * 3 * sh.expert_inter + (0 if fused else b * h) + len(expert_parts) * b * (h + r)
+        mlp = (4 * h + 4) + 4 * sh.experts + 24 * sh.top_k + sh.top_k * slot
     else:
         i = sh.intermediate
         mlp = (4 * h + 4) + 3 * s * i
@@ -192,11 +226,30 @@ def decoder_layer_saved(sh: Shapes, b: int, s: int, lora: frozenset[str], r: int
     return attn + mlp
 
 
-def backward_working_set(sh: Shapes, b: int, s: int) -> int:
+def backward_working_set(sh: Shapes, b: int, s: int, expert_lora: bool = False) -> int:
     """Per-token gradient buffers alive while one layer is differentiated (beyond saved tensors).
 
     The residual-stream gradient and its accumulation (2·s·H), the fp32 gradient of a norm's upcast
-    (4H), and the widest intermediate's gradients (3·b·I for SwiGLU; k·b·3·Ie for routed experts).
+    (4H), and the widest intermediate's gradients (3·b·I for SwiGLU; k·b·3·Ie for routed experts, plus
+    k·b·2H with ExpertLoRA: the gradient of down's additive output and dy gathered per row).
     """
     wide = 3 * b * (sh.top_k * sh.expert_inter if sh.experts else sh.intermediate)
+    if sh.experts and expert_lora:
+        wide += sh.top_k * b * 2 * sh.hidden
     return 2 * s * sh.hidden + 4 * sh.hidden + wide
+
+
+def expert_lora_layer_numel(sh: Shapes, r: int, parts: tuple[str, ...]) -> int:
+    """Elements of one layer's ExpertLoRA factors: E·r·(in + out) per adapted tensor."""
+    fan = {"gate_up_proj": sh.hidden + 2 * sh.expert_inter, "down_proj": sh.expert_inter + sh.hidden}
+    return sh.experts * r * sum(fan[p] for p in parts)
+
+
+def stream_transient_bytes(sh: Shapes, source_bytes: int = 2) -> int:
+    """Bytes alive on top of the model while `vlm.moe.load` quantizes one chunk of experts (of gate_up,
+    the wider tensor): the chunk read as gate and up stacks and their concatenation (2 x the checkpoint's
+    bytes per element), its float32 scratch and bucketize's int32 codes (4 + 4), and the tensor's float32
+    absmax until its double quantization. The codes go straight into the module's buffer."""
+    n, k = 2 * sh.expert_inter, sh.hidden
+    elems = experts_per_chunk(n, k) * n * k
+    return elems * (2 * source_bytes + 8) + sh.experts * n * k // 64 * 4

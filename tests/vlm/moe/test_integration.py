@@ -40,17 +40,20 @@ def test_fused_logits_and_input_grads_equal_eager(backend):
     assert use_fused_moe(fused, backend=backend) == 2
     assert use_fused_moe(fused, backend=backend) == 0  # idempotent
     eager_on_dequantized(fused, eager)
-    ids = torch.randint(0, 128, (2, 11))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (2, 11), generator=gen)
     emb_f = fused.get_input_embeddings()(ids).detach().requires_grad_()
     emb_e = emb_f.detach().clone().requires_grad_()
     lf = fused(inputs_embeds=emb_f).logits
     le = eager(inputs_embeds=emb_e).logits
-    torch.testing.assert_close(lf, le, rtol=1e-4, atol=1e-5)
-    g = torch.randn_like(lf)
+    # float32 sums in another order: differences of a few ulps of the largest value (logits ~0.6, input
+    # gradients ~70), so the absolute tolerance is scaled to each tensor's magnitude.
+    torch.testing.assert_close(lf, le, rtol=1e-4, atol=2e-6 * le.abs().max().item())
+    g = torch.randn(lf.shape, generator=gen)
     lf.backward(g)
     le.backward(g)
     # Gradients reach the embeddings through attention, the router and the NF4 experts of both layers.
-    torch.testing.assert_close(emb_f.grad, emb_e.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(emb_f.grad, emb_e.grad, rtol=1e-4, atol=2e-6 * emb_e.grad.abs().max().item())
 
 
 def test_dense_checkpoint_loads_into_swapped_model_and_nf4_state_dict_round_trips():
