@@ -136,6 +136,7 @@ class DemoWarmup:
     decoder_steps: int = MISSING
     decoder_lr: float = MISSING
     decoder_batch: int = MISSING
+    decoder_text: str = MISSING  # words | frames: what the vision span says in the text warm-up
     vision_steps: int = MISSING
     vision_lr: float = MISSING
     vision_batch: int = MISSING
@@ -169,10 +170,13 @@ class DemoCaption:
 
 @dataclass
 class DemoEntry(CliConfig):
-    output: str = MISSING
+    output: str = MISSING  # the default seed writes here, seed N to <output>/seed<N>
     control: bool = MISSING
     seed: int = MISSING
     progress: bool = MISSING
+    threads: int | None = MISSING  # torch intra-op threads; null: torch's default (one per core)
+    precision: str = MISSING  # auto | 32-true | bf16-mixed; auto: bf16 only where the CPU has bf16 units
+    eval_stage1: bool = MISSING  # also caption the held-out clips with the stage-1 model
     corpus: DemoCorpus = field(default_factory=DemoCorpus)
     warmup: DemoWarmup = field(default_factory=DemoWarmup)
     stage1: DemoStage1 = field(default_factory=DemoStage1)
