@@ -5,8 +5,9 @@ when a kernel is decorated, and `vlm.moe` imports its kernels lazily, so setting
 module of this folder imports them) is enough.
 
 `real_moe_dir`: Qwen3-30B-A3B's shapes (conf/model/qwen3_30b_a3b.yaml's arch: hidden 2048, 32/4 heads,
-head_dim 128, 128 experts top-8 of width 768, vocab 151,936) with 2 layers, seeded random weights, saved
-in bf16 in 1 GB shards like the hub's (3.7 GB). `real_nf4` is its NF4 checkpoint, made once in a
+head_dim 128, 128 experts top-8 of width 768, vocab 151,936) with one layer (`REAL_LAYERS`: the test-time
+budget; `python -m bench.moe --load` measures 2 and 4), seeded random weights, saved in bf16 in 1 GB
+shards like the hub's (2.5 GB). `real_nf4` is its NF4 checkpoint, made once in a
 subprocess that also reports the load's peak RSS and time (`bench.moe.measure_load`, which the
 loading benchmark uses too).
 """
@@ -23,7 +24,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.moe import measure_load, save_real_moe
 
-REAL_LAYERS = 2
+REAL_LAYERS = 1
 
 
 def real_arch(typed, layers: int = REAL_LAYERS):
@@ -32,7 +33,7 @@ def real_arch(typed, layers: int = REAL_LAYERS):
 
 @pytest.fixture(scope="session")
 def real_moe_dir(typed, tmp_path_factory):
-    out = tmp_path_factory.mktemp("qwen3_30b_a3b_2l")
+    out = tmp_path_factory.mktemp("qwen3_30b_a3b_real")
     yield save_real_moe(real_arch(typed), out / "bf16")
     shutil.rmtree(out, ignore_errors=True)  # gigabytes: not left for pytest's kept basetemps
 
@@ -40,7 +41,7 @@ def real_moe_dir(typed, tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_nf4(real_moe_dir, tmp_path_factory):
     """(NF4 checkpoint of `real_moe_dir`, the measurements of the load that made it)."""
-    out = tmp_path_factory.mktemp("qwen3_30b_a3b_2l_nf4")
+    out = tmp_path_factory.mktemp("qwen3_30b_a3b_real_nf4")
     stats = measure_load(real_moe_dir, "bfloat16", save_to=out / "nf4")
     yield out / "nf4", stats
     shutil.rmtree(out, ignore_errors=True)
