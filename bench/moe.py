@@ -296,15 +296,21 @@ base = status("VmRSS"); t0 = time.perf_counter()
 decoder = load_decoder(model, dtype)
 seconds = time.perf_counter() - t0
 peak, after = status("VmHWM"), status("VmRSS")
-if out != "-":
+res = {"seconds": seconds, "baseline": base, "peak": peak, "after": after}
+if out != "-":  # save the NF4 checkpoint, then time loading it back (its peak is not measured here)
     save_nf4(decoder, Path(out), src, None)
-print(json.dumps({"seconds": seconds, "baseline": base, "peak": peak, "after": after}))
+    del decoder
+    t0 = time.perf_counter()
+    load_decoder(ModelConfig(**{**model.__dict__, "name_or_path": out}), dtype)
+    res["nf4_reload_seconds"] = time.perf_counter() - t0
+print(json.dumps(res))
 """
 
 
 def measure_load(source: str | Path, dtype: str = "bfloat16", save_to: Path | None = None) -> dict:
     """Load `source` with `load_decoder` (NF4, fused experts) in a fresh process: {"seconds", "baseline",
-    "peak", "after"} (bytes of VmRSS before, VmHWM, VmRSS after); optionally save the NF4 checkpoint."""
+    "peak", "after"} (bytes of VmRSS before, VmHWM, VmRSS after); optionally save the NF4 checkpoint and
+    time loading it back in the same process ("nf4_reload_seconds")."""
     import subprocess
     import sys
 
