@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from data.korean import VOCAB, parse_attributes
+from data.korean import MOTIONS, VOCAB, parse_attributes
 
 NONE = "none"  # a caption that names no value (or contradictory ones) of an attribute
 
@@ -59,6 +59,48 @@ def probe_features(
         k: fit_linear_probe(xt, labels(train_attrs, k), xv, labels(val_attrs, k), len(VOCAB[k]))
         for k in VOCAB
     }
+
+
+def edge_sides(attrs: Sequence[Mapping[str, str]]) -> torch.Tensor:
+    """(N, 2) class indices of the side the shape is on in the first and the last frame: 0 left, 1 right,
+    2 top, 3 bottom (what the decoder warm-up's per-frame text names there)."""
+    side = {(-1, 0): 0, (1, 0): 1, (0, -1): 2, (0, 1): 3}  # unit vector from the centre, image axes
+    rows = []
+    for a in attrs:
+        dx, dy = MOTIONS[a["motion"]]
+        rows.append([side[(-dx, -dy)], side[(dx, dy)]])  # it starts on the side it moves away from
+    return torch.tensor(rows)
+
+
+def probe_tokens(
+    train_feats: torch.Tensor,
+    train_attrs: Sequence[Mapping[str, str]],
+    val_feats: torch.Tensor,
+    val_attrs: Sequence[Mapping[str, str]],
+) -> dict[str, float]:
+    """What one token says by itself, read by one linear probe shared by every token: the clip's colour
+    and shape (all tokens), and the side the shape is on (tokens of the first and last frames). This is
+    what a per-token projector can pass on; `probe_features` reads the tokens flattened, position-aware.
+    (N, T, K, Dv) features."""
+
+    def rows(
+        x: torch.Tensor, attrs: Sequence[Mapping[str, str]], key: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, t, k, d = x.shape
+        if key == "side":
+            edges = x[:, [0, t - 1]]  # (N, 2, K, Dv)
+            y = edge_sides(attrs)[:, :, None].expand(n, 2, k)
+            return edges.reshape(-1, d), y.reshape(-1)
+        return x.reshape(-1, d), labels(attrs, key).repeat_interleave(t * k)
+
+    out = {}
+    for key, classes in (("color", len(VOCAB["color"])), ("shape", len(VOCAB["shape"])), ("side", 4)):
+        (xt, yt), (xv, yv) = (
+            rows(train_feats.float(), train_attrs, key),
+            rows(val_feats.float(), val_attrs, key),
+        )
+        out[key] = fit_linear_probe(xt, yt, xv, yv, classes)
+    return out
 
 
 def confusion(

@@ -67,6 +67,7 @@ def finish_report(
         "chrf": scores["chrF"],
         "accuracy_by_point": points,
         "probe": warmups["vision"]["probe"],
+        "token_probe": warmups["vision"].get("token_probe"),  # absent in warm-ups cached before it existed
         "confusion": matrices,
         **facts,
         "total_seconds": time.time() - t0,

@@ -149,7 +149,7 @@ def _warm_decoder(cfg: DemoEntry, root: Path, warm: Path, base: TrainEntry, bf16
 def _warm_vision(cfg: DemoEntry, root: Path, warm: Path, base: TrainEntry, bf16: bool) -> tuple[Path, dict]:
     """The tower's warm-up, then linear probes of the random and the warmed tower's pooled
     tokens on the held-out clips (what the tower knows before stage 1)."""
-    from vlm.demo.probe import probe_features
+    from vlm.demo.probe import probe_features, probe_tokens
     from vlm.demo.warm_vision import encode_pooled, trainable_tower, warm_vision
 
     w, pool = cfg.warmup, base.projector.pool
@@ -171,10 +171,11 @@ def _warm_vision(cfg: DemoEntry, root: Path, warm: Path, base: TrainEntry, bf16:
     t0 = time.time()
     val_frames = _frames(val, base, "decode val clips", cfg.progress)
     attrs = [r["attributes"] for r in train], [r["attributes"] for r in val]
-    stats["probe"] = {}
+    stats["probe"], stats["token_probe"] = {}, {}
     for name, tw in (("random tower", trainable_tower(base.vision)), ("warmed tower", tower)):
         feats = encode_pooled(tw, frames, pool), encode_pooled(tw, val_frames, pool)
         stats["probe"][name] = probe_features(feats[0], attrs[0], feats[1], attrs[1])
+        stats["token_probe"][name] = probe_tokens(feats[0], attrs[0], feats[1], attrs[1])
     stats["probe_seconds"] = time.time() - t0
     meta.write_text(json.dumps({**stats, "settings": settings}))
     return out, stats
@@ -231,18 +232,13 @@ def _stage_overrides(cfg: DemoEntry, run: Path) -> tuple[list[str], list[str]]:
     return one, two
 
 
-def run_demo(cfg: Any) -> dict[str, Any]:
-    from vlm.train.run import train
-
-    cfg: DemoEntry = to_typed(cfg)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    t0, load0 = time.time(), os.getloadavg()
-    precision = resolve_precision(cfg.precision)
+def warm_up(cfg: DemoEntry, precision: str, times: dict[str, float]) -> tuple[Path, list[str], dict]:
+    """The corpus and both warm-ups, each reused when its settings match (so a rerun with other stage
+    settings skips them). Returns (output folder, the training overrides that use them, their stats)."""
+    t0 = time.time()
     bf16 = precision.startswith("bf16")
     out = output_dir(cfg)
     root, warm = out / "synth", out / "warm"
-    times: dict[str, float] = {}
     _corpus(cfg, root)
     times["corpus"] = time.time() - t0
     common = [*cfg.train_overrides, f"data.root={root}", f"seed={cfg.seed}", f"progress={cfg.progress}",
@@ -254,8 +250,25 @@ def run_demo(cfg: Any) -> dict[str, Any]:
     t = time.time()
     vision, vis_stats = _warm_vision(cfg, root, warm, base, bf16)
     times["vision_warmup"] = time.time() - t
-    _print_probe(vis_stats["probe"])
+    _print_probe("all tokens of a clip, flattened", vis_stats["probe"])
+    if "token_probe" in vis_stats:
+        _print_probe("each token alone, one probe shared by all (what a per-token projector can pass on)",
+                     vis_stats["token_probe"])  # fmt: skip
     common += [f"model.name_or_path={decoder}", f"vision.weights={vision}"]
+    return out, common, {"decoder": dec_stats, "vision": vis_stats}
+
+
+def run_demo(cfg: Any) -> dict[str, Any]:
+    from vlm.train.run import train
+
+    cfg: DemoEntry = to_typed(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    t0, load0 = time.time(), os.getloadavg()
+    precision = resolve_precision(cfg.precision)
+    times: dict[str, float] = {}
+    out, common, warmups = warm_up(cfg, precision, times)
+    root = out / "synth"
     run = out / ("control" if cfg.control else "main")
     wrap = BlindFrames if cfg.control else None
     one, two = _stage_overrides(cfg, run)
@@ -285,13 +298,11 @@ def run_demo(cfg: Any) -> dict[str, Any]:
     times["caption"] = time.time() - t
     facts = {"precision": precision, "threads": torch.get_num_threads(), "load_average_start": load0,
              "train_seconds": r1["train_seconds"] + r2["train_seconds"], "times": times}  # fmt: skip
-    return finish_report(
-        cfg, out, run, val, preds, stage1_preds, {"decoder": dec_stats, "vision": vis_stats}, facts, t0
-    )
+    return finish_report(cfg, out, run, val, preds, stage1_preds, warmups, facts, t0)
 
 
-def _print_probe(probe: dict[str, dict[str, float]]) -> None:
-    print("\n[demo] linear probe of the tower's pooled tokens, held-out clips (what stage 1 can read):")
+def _print_probe(what: str, probe: dict[str, dict[str, float]]) -> None:
+    print(f"\n[demo] linear probe of the tower's pooled tokens on held-out clips; {what}:")
     print("| tower | " + " | ".join(next(iter(probe.values()))) + " |")
     print("| --- |" + " ---: |" * len(next(iter(probe.values()))))
     for name, accs in probe.items():

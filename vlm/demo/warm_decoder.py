@@ -171,7 +171,10 @@ def warm_decoder(
     model.eval()
     with torch.no_grad():  # the saved model's real loss, over all 151,936 ids, on one batch
         tb = processor.train_batch([c for _, c in pairs[:64]], 0, vision_texts=[v for v, _ in pairs[:64]])
-        full = float(model(input_ids=tb.input_ids, attention_mask=tb.attention_mask, labels=tb.labels).loss)
+        hidden = model.model(input_ids=tb.input_ids, attention_mask=tb.attention_mask).last_hidden_state
+        keep = tb.labels[:, 1:] != IGNORE  # the head at labelled positions only: full logits of 64
+        logits = model.lm_head(hidden[:, :-1][keep])  # sequences took 8 GB and were OOM-killed (measured)
+        full = float(F.cross_entropy(logits.float(), tb.labels[:, 1:][keep]))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # safetensors + config.json: loadable by the real from_pretrained path
     processor.tokenizer.save_pretrained(out)  # like any model directory, it carries its tokenizer

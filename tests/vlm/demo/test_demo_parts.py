@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.korean import MOTIONS
-from vlm.demo.probe import NONE, confusion, fit_linear_probe
+from vlm.demo.probe import NONE, confusion, edge_sides, fit_linear_probe, probe_tokens
 from vlm.demo.run import BlindFrames, output_dir, resolve_precision
 from vlm.demo.warm_decoder import SIDES, CompactVocab, vision_text
+from vlm.demo.warm_vision import TokenHeads, frame_positions
 
 
 def test_sides_are_the_first_and_last_frames_positions():
@@ -50,7 +51,7 @@ def test_compact_loss_is_the_full_vocabulary_loss_when_every_other_id_is_counted
     used = torch.tensor([3, 7, 11, 20])
     vocab = CompactVocab(lm, used, negatives=1000)  # more than the 46 other ids: all of them, no sample
     hidden, target = torch.randn(6, 8), used[torch.tensor([0, 1, 2, 3, 1, 0])]
-    full = F.cross_entropy(hidden @ lm.head.weight.T, target)
+    full = F.cross_entropy(hidden @ lm.head.weight.T, target).detach()
     torch.testing.assert_close(vocab.loss(hidden, target), full, rtol=1e-5, atol=1e-6)
     # a sample of the other ids estimates the same thing (it would be far off without the log-ratio term)
     sampled = CompactVocab(lm, used, negatives=20)
@@ -143,3 +144,54 @@ def test_output_dir_per_seed_and_precision(monkeypatch):
     assert resolve_precision("32-true") == "32-true"
     with pytest.raises(ValueError, match="precision='fp8'"):
         resolve_precision("fp8")
+
+
+MOTION_LIST = list(MOTIONS)  # 왼→오, 오→왼, 위→아래, 아래→위
+
+
+def test_frame_positions_run_along_the_motion_axis_only():
+    where, axis = frame_positions(MOTION_LIST, 4)
+    assert where.shape == (4, 4, 2) and axis.shape == (4, 1, 2)
+    third = 1 / 3
+    torch.testing.assert_close(where[0, :, 0], torch.tensor([-1.0, -third, third, 1.0]))  # left → right
+    torch.testing.assert_close(where[1, :, 0], torch.tensor([1.0, third, -third, -1.0]))  # right → left
+    torch.testing.assert_close(
+        where[3, :, 1], torch.tensor([1.0, third, -third, -1.0])
+    )  # bottom → top (y down)
+    assert axis[:, 0].tolist() == [[1, 0], [1, 0], [0, 1], [0, 1]]  # the across coordinate is not a target
+
+
+def test_edge_sides_name_where_the_shape_starts_and_ends():
+    sides = edge_sides([{"motion": m} for m in MOTION_LIST])  # 0 left, 1 right, 2 top, 3 bottom
+    assert sides.tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
+    names = ("왼쪽", "오른쪽", "위", "아래")  # the same sides the decoder warm-up's text names
+    for m, (a, b) in zip(MOTION_LIST, sides.tolist(), strict=True):
+        start, end = SIDES[m]
+        assert names[a] == start and end.startswith(names[b])
+
+
+def test_token_heads_share_one_readout_across_tokens():
+    heads = TokenHeads(8)
+    x = torch.randn(2, 3, 4, 8)
+    logits, where = heads(x)
+    assert logits["color"].shape == (2, 3, 4, 4) and logits["shape"].shape == (2, 3, 4, 3)
+    assert where.shape == (2, 3, 4, 2)
+    swapped = x[:, :, [1, 0, 2, 3]]  # the same token at another place gives the same answer
+    torch.testing.assert_close(heads(swapped)[1][:, :, 0], where[:, :, 1])
+
+
+def test_token_probe_reads_where_only_when_each_token_carries_it():
+    g = torch.Generator().manual_seed(0)
+    attrs = [{"color": "빨간", "shape": "원", "motion": MOTION_LIST[i % 4]} for i in range(160)]
+    sides = edge_sides(attrs)  # (N, 2)
+    code = torch.zeros(160, 4, 2, 8)  # (N, T, K, Dv): every token of the first/last frame names the side
+    code[:, 0] = 3 * F.one_hot(sides[:, 0], 8).float()[:, None]
+    code[:, -1] = 3 * F.one_hot(sides[:, 1], 8).float()[:, None]
+    x = code + 0.3 * torch.randn(160, 4, 2, 8, generator=g)
+    assert probe_tokens(x[:120], attrs[:120], x[120:], attrs[120:])["side"] > 0.9
+    # the side only in which token is bright (position, not content): a shared probe cannot read it
+    where = torch.zeros(160, 4, 2, 8)
+    where[torch.arange(160), 0, sides[:, 0] % 2, 0] = 3.0
+    where[torch.arange(160), -1, sides[:, 1] % 2, 0] = 3.0
+    y = where + 0.3 * torch.randn(160, 4, 2, 8, generator=g)
+    assert probe_tokens(y[:120], attrs[:120], y[120:], attrs[120:])["side"] < 0.6

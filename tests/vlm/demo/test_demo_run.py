@@ -1,5 +1,5 @@
 """`run_demo` end to end on a tiny corpus with a few steps: the report, the plots and the confusion
-matrices it writes, the per-seed output folder, and warm-ups reused by a rerun with other stage settings."""
+matrices it writes, the per-seed output folder, and warm-ups found again (not retrained) for other stage settings."""
 
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ FAST = [
     "progress=false", "corpus.n_train=48", "corpus.n_val=8", "caption.batch_size=8",
     "warmup.decoder_steps=4", "warmup.vision_steps=3", "warmup.vision_batch=8",
     "stage1.steps=3", "stage1.batch_size=4", "stage2.steps=2", "stage2.batch_size=4", "stage2.r=4",
-    "train_overrides=[gpu=cpu,data.cache_features=true,data.num_workers=0,projector.pool=2,"
-    "train.val_every_n_steps=1000,train.checkpoint_every_n_steps=1000,train.log_every_n_steps=1]",
 ]  # fmt: skip
+TRAIN = ["gpu=cpu", "data.cache_features=true", "data.num_workers=0", "projector.pool=2",
+         "train.val_every_n_steps=1000", "train.checkpoint_every_n_steps=1000", "train.log_every_n_steps=1"]  # fmt: skip
+FAST.append("train_overrides=[" + ",".join(f"'{o}'" for o in TRAIN) + "]")  # quoted: each holds an '='
 
 
 @pytest.mark.slow
-def test_run_demo_writes_report_plots_and_confusion(compose, synth_root, tmp_path):
-    from vlm.demo.run import run_demo
+def test_run_demo_writes_report_plots_and_confusion(compose, synth_root, tmp_path, monkeypatch):
+    from vlm.config import to_typed
+    from vlm.demo.run import run_demo, warm_up
 
     out = tmp_path / "demo"
     shutil.copytree(synth_root, out / "seed3" / "synth", ignore=shutil.ignore_patterns("feature_cache"))
@@ -47,8 +49,21 @@ def test_run_demo_writes_report_plots_and_confusion(compose, synth_root, tmp_pat
     assert (root / "main" / "export" / "vision.safetensors").is_file()
     assert len(list((root / "main").glob("captions.jsonl"))) == 1
 
-    # A rerun with other stage settings keeps the corpus and both warm-ups (same settings, same keys).
+    # A rerun with other stage settings finds the corpus and both warm-ups (same settings, same keys).
+    def boom(*a, **k):
+        raise AssertionError("a warm-up ran again")
+
+    monkeypatch.setattr("vlm.demo.warm_decoder.warm_decoder", boom)
+    monkeypatch.setattr("vlm.demo.warm_vision.warm_vision", boom)
+    monkeypatch.setattr("data.synth.generate", boom)
     warm = sorted(p.name for p in (root / "warm").iterdir())
-    run_demo(compose("demo", [f"output={out}", "seed=3", *FAST, "stage2.steps=1", "eval_stage1=false"]))
+    again = to_typed(
+        compose("demo", [f"output={out}", "seed=3", *FAST, "stage2.steps=1", "stage1.lr_projector=1"])
+    )
+    _, common, stats = warm_up(again, "32-true", {})
     assert sorted(p.name for p in (root / "warm").iterdir()) == warm
-    assert len(list((root / "main").glob("captions.*.jsonl"))) == 1  # the first run's captions set aside
+    assert (
+        stats["vision"]["probe"] == report["probe"]
+        and stats["vision"]["token_probe"] == report["token_probe"]
+    )
+    assert any(o.startswith("vision.weights=") for o in common)
