@@ -90,11 +90,15 @@ def build_cache(
     num_workers: int,
     rank: int = 0,
     world: int = 1,
+    barrier: Callable[[], None] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Encode this rank's share of the records of `dataset` not yet in `directory`; returns stats.
 
     `encode`: (B, T, H, W, 3) uint8 on `device` → (B, T, K, Dv) prepared features.
+    `barrier` (every rank calls it): under DDP, no rank writes before every rank has read the index,
+    so all ranks split the same to-do list (a fast rank's first shards would otherwise shrink a slow
+    rank's list, and clips would be encoded twice or never).
     """
     directory.mkdir(parents=True, exist_ok=True)
     index = load_index(directory)
@@ -103,6 +107,8 @@ def build_cache(
     mine = todo[rank::world]
     own_path = directory / f"index.r{rank}.json"
     own = json.loads(own_path.read_text()) if own_path.exists() else {"features": {}, "failed": {}}
+    if barrier is not None:
+        barrier()
     stats = {"encoded": 0, "failed": 0, "cached": len(keys) - len(todo), "seconds": 0.0, "bytes": 0}
     if not mine:
         return stats
@@ -213,7 +219,7 @@ class CacheFeatures(L.Callback):
             st = build_cache(
                 ds, encode, self.directory, device=device, batch_size=self.batch_size,
                 num_workers=self.num_workers, rank=trainer.global_rank, world=trainer.world_size,
-                progress=self.progress and trainer.is_global_zero,
+                barrier=lambda: trainer.strategy.barrier("feature-cache-index"), progress=self.progress and trainer.is_global_zero,
             )  # fmt: skip
             for k, v in st.items():
                 self.stats[k] += v
