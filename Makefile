@@ -9,7 +9,7 @@ PIP    := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_N
           PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 $(VENV)/bin/python -m pip
 RUN    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY)
 
-.PHONY: venv test test-fast lint format demo demo-control bench gpu-wheels clean
+.PHONY: venv test test-tiers test-fast lint format demo demo-control bench gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,11 @@ $(STAMP): requirements.txt pyproject.toml
 test: $(STAMP)
 	$(RUN) -m pytest -q
 
+test-tiers: $(STAMP)
+	$(RUN) -m pytest -q -m tiers -s
+
 test-fast: $(STAMP)
-	$(RUN) -m pytest -q -m "not slow"
+	$(RUN) -m pytest -q -m "not slow and not tiers"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -45,6 +48,7 @@ bench: $(STAMP)
 	$(RUN) -m bench.caption
 	$(RUN) -m bench.moe
 	$(RUN) -m bench.plan
+	$(RUN) -m bench.cache
 
 # The wheels bench/gpu/run.sh installs on the GPU machine (no network there): cp312 manylinux, into
 # .gpu-wheels/ (ignored; carried with the device call), checked against the 64 MiB per-call limit.
