@@ -14,6 +14,7 @@ stays within the planner's weight terms for that run + 25 % (anonymous memory: s
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 from dataclasses import replace
@@ -155,6 +156,8 @@ def test_tier_at_real_shapes(tier, clips, kmmlu_dir, tmp_path):
         lin4 = [m for m in vlm.decoder.modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert len(lin4) == 7 * layers and all(m.weight.quant_state.quant_type == "nf4" for m in lin4)
         assert res["trainable_params"] == expected_trainable(typed, vlm.projector.in_dim, layers)
+        del res, vlm, lin4  # one trained model at a time: at 14B shape two held 20 GiB (OOM-killed here)
+        gc.collect()
     print(json.dumps({tier: report}))
 
     exp = export(tmp_path / "stage2_lora" / "checkpoints" / "last", tmp_path / "export", merge=True)
