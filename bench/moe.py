@@ -82,7 +82,7 @@ def make_runs(fused, cfg, ref, x, idx, w):
     def eager_like(impl: str):
         def run(backward: bool):
             cfg._experts_implementation = impl
-            return _step(ref, x, idx, w, backward)
+            return run_step(ref, x, idx, w, backward)
 
         return run
 
@@ -90,7 +90,7 @@ def make_runs(fused, cfg, ref, x, idx, w):
         def run(backward: bool):
             grouped_ops.PREFER = prefer
             try:
-                return _step(fused, x, idx, w, backward)
+                return run_step(fused, x, idx, w, backward)
             finally:
                 grouped_ops.PREFER = "native"
 
@@ -104,7 +104,8 @@ def make_runs(fused, cfg, ref, x, idx, w):
     }
 
 
-def _step(module, x, idx, w, backward: bool):
+def run_step(module, x, idx, w, backward: bool):
+    """Forward (no grad) → output, or forward + backward of ones → the input gradient."""
     if not backward:
         with torch.no_grad():
             return module(x, idx, w)

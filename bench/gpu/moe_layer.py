@@ -38,16 +38,11 @@ EAGER, GROUPED = "transformers eager", "transformers grouped_mm (bf16)"
 
 def runs(fused, cfg, ref, simple, x, idx, w) -> dict[str, Any]:
     """name -> fn(backward) -> output or input gradient."""
+    from bench.moe import run_step
     from vlm.moe.nf4 import dequantize_fast
 
     def step(module, backward: bool):
-        if not backward:
-            with torch.no_grad():
-                return module(x, idx, w)
-        xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-        out = module(xg, idx, wg)
-        out.backward(torch.ones_like(out))
-        return xg.grad
+        return run_step(module, x, idx, w, backward)
 
     def ours(backend: str):
         def fn(backward: bool):
