@@ -66,11 +66,13 @@ class CaptionModule(L.LightningModule):
         )
         # Token-weighted across ranks: divide by the labelled tokens of every rank, times the world size
         # because DDP averages gradients. So N ranks of batch B train exactly like one process of N·B.
-        strategy, world = self.trainer.strategy, self.trainer.world_size
-        n_all = strategy.reduce(n.detach().float(), reduce_op="sum") if world > 1 else n.float()
+        world = self.trainer.world_size
+        sums = torch.stack([total.detach(), n.float()])  # one all-reduce for both sums
+        if world > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        total_all, n_all = sums[0], sums[1]
         loss = total * world / n_all
-        summed = strategy.reduce(total.detach().clone(), reduce_op="sum") if world > 1 else total.detach()
-        self.log("train/loss", summed / n_all, prog_bar=True, on_step=True, batch_size=len(batch["video"]))
+        self.log("train/loss", total_all / n_all, prog_bar=True, on_step=True, batch_size=len(batch["video"]))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
