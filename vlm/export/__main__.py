@@ -1,5 +1,5 @@
 """`python -m vlm.export checkpoint=CKPT output=DIR [merge=true] [overwrite=true] [metrics=REPORT.json]`, or
-`python -m vlm.export quantize=true checkpoint=QWEN3_MOE_BASE output=DIR` (an NF4 checkpoint of the base)."""
+`python -m vlm.export quantize=true checkpoint=QWEN3_BASE output=DIR` (an NF4 checkpoint of the base)."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ The adapter's `base_model_name_or_path` names the real base (hub id, or the loca
 loaded; for an NF4 checkpoint, the 16-bit weights it was made from), not the 4-bit copy in memory, so
 `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), DIR/adapter)` works as is.
 
-`export(SOURCE, OUT, quantize=True)` instead writes the NF4 checkpoint of a Qwen3-MoE base (hub id or
-directory), which `load_decoder` then loads without quantizing (see `vlm.model.decoder.save_nf4`).
+`export(SOURCE, OUT, quantize=True)` instead writes the NF4 checkpoint of a Qwen3 or Qwen3-MoE base (hub
+id or directory), which `load_decoder` then loads without quantizing (see `vlm.model.decoder.save_nf4`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from vlm.config.schema import ArchConfig, ModelConfig
 from vlm.export.card import model_card
 from vlm.export.format import ALLOWED_SUFFIXES, FORMAT, FORMAT_VERSION, ExportError
 from vlm.model.build import tokenizer_source
-from vlm.model.decoder import decoder_source, dense_source, is_moe, loaded_config, nf4_checkpoint
+from vlm.model.decoder import decoder_source, dense_source, loaded_config, nf4_checkpoint
 from vlm.model.lora import LoraTargets, peft_config
 from vlm.model.tokenizer import load_tokenizer
 from vlm.moe.adapter_format import to_peft, to_vllm
@@ -187,7 +187,7 @@ def export(
     quantize: bool = False,
 ) -> Path:
     """Write the export of training checkpoint `checkpoint` to directory `output`; returns `output`.
-    quantize=True: `checkpoint` is a Qwen3-MoE base decoder instead, saved as an NF4 checkpoint."""
+    quantize=True: `checkpoint` is a base decoder (dense or Qwen3-MoE) instead, saved as an NF4 checkpoint."""
     from vlm.model.vision import build_vision_on_meta
 
     if quantize:
@@ -245,8 +245,8 @@ def export(
 def save_nf4_base(
     source: str, output: str | os.PathLike, overwrite: bool = False, device: str | None = None
 ) -> Path:
-    """Load a Qwen3-MoE base (hub id or directory) straight into NF4, experts streamed, and write it to
-    `output` as an NF4 checkpoint plus its tokenizer. Non-quantized tensors keep the source's dtype.
+    """Load a Qwen3 or Qwen3-MoE base (hub id or directory) straight into NF4 (a MoE's experts streamed)
+    and write it to `output` as an NF4 checkpoint plus its tokenizer. Non-quantized tensors keep the source's dtype.
     device: where to quantize (e.g. "cuda:0", much faster than the CPU default)."""
     from vlm.model.decoder import load_decoder, save_nf4
 
@@ -257,10 +257,8 @@ def save_nf4_base(
         raise ExportError(
             f"checkpoint={source}: not a decoder to quantize ({str(e).splitlines()[0]})"
         ) from None
-    if not is_moe(hf):
-        raise ExportError(
-            f"checkpoint={source}: quantize=true saves Qwen3-MoE decoders (NF4 experts); this is {hf.model_type}"
-        )
+    if hf.model_type not in ("qwen3", "qwen3_moe"):
+        raise ExportError(f"checkpoint={source}: quantize=true saves Qwen3 decoders; this is {hf.model_type}")
     if nf4_checkpoint(source) is not None:
         raise ExportError(f"checkpoint={source}: already an NF4 checkpoint")
     dtype = str(getattr(hf, "dtype", None) or "bfloat16").removeprefix("torch.")
