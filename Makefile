@@ -19,14 +19,18 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
+# Two pytest workers: most tests keep one core busy (imports, subprocesses, small ops), so two run
+# side by side; each worker and its subprocesses use one OpenMP thread (tests/conftest.py).
+XDIST  := -n 2 --dist loadgroup
+
 test: $(STAMP)
-	$(RUN) -m pytest -q
+	$(RUN) -m pytest -q $(XDIST)
 
 test-tiers: $(STAMP)
 	$(RUN) -m pytest -q -m tiers -s
 
 test-fast: $(STAMP)
-	$(RUN) -m pytest -q -m "not slow and not tiers"
+	$(RUN) -m pytest -q $(XDIST) -m "not slow and not tiers"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -3,7 +3,8 @@
 FFN, tied embeddings and vocab, and the tier's real vision tower at its real image size, random weights.
 
 Only what the hardware and the time here force is overridden: the decoder's depth (a local model
-directory of the real architecture cut to 1–2 layers, saved in the tier's dtype with its tokenizer), the
+directory of the real architecture cut to 1–2 layers, saved in the tier's dtype with its tokenizer, then
+quantized once into an NF4 checkpoint with `vlm.export`'s `quantize=true`, which every step loads), the
 tower's depth in use (`vision.feature_layer`: the blocks after it never run) and its weights (random:
 `vision.pretrained=null`, no download), the device (`trainer.accelerator=cpu` with fp32 compute: on a CPU
 without AVX-512 BF16 a bf16 matmul is emulated, 257 s against 3.3 s in fp32 for the tiny head's backward,
@@ -116,6 +117,7 @@ def real_shape_model(tier: str, extra: list[str], layers: int, where: Path) -> P
 
 
 @pytest.mark.tiers
+@pytest.mark.xdist_group("tiers")  # one worker, one tier at a time: two at once would not fit in 24 GB
 @pytest.mark.parametrize("tier", list(TIERS))
 def test_tier_at_real_shapes(tier, clips, kmmlu_dir, tmp_path):
     from vlm.export import export, load_exported
@@ -125,7 +127,10 @@ def test_tier_at_real_shapes(tier, clips, kmmlu_dir, tmp_path):
     extra, layers, vision = TIERS[tier]
     gpu = tier.split("-")[0]
     model_dir = real_shape_model(tier, extra, layers, tmp_path / "model")
-    over = [f"gpu={gpu}", *extra, f"model.name_or_path={model_dir}", "vision.pretrained=null", "vision.feature_layer=1",
+    # Quantized once, as the README advises (`python -m vlm.export quantize=true`): bitsandbytes
+    # quantizes ~17 M weights/s per CPU thread, and the chain below loads the decoder five times.
+    nf4_dir = export(model_dir, tmp_path / "model-nf4", quantize=True)
+    over = [f"gpu={gpu}", *extra, f"model.name_or_path={nf4_dir}", "vision.pretrained=null", "vision.feature_layer=1",
             "trainer.accelerator=cpu", "trainer.precision=32-true", "gpu.compute_dtype=float32", f"data.root={clips}",
             "train.max_steps=1", "train.accumulate_grad_batches=1", "progress=false"]  # fmt: skip
     report = {}
