@@ -20,8 +20,9 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 # Two pytest workers: most tests keep one core busy (imports, subprocesses, small ops), so two run
-# side by side; each worker and its subprocesses use one OpenMP thread (tests/conftest.py).
-XDIST  := -n 2 --dist loadgroup
+# side by side; each worker and its subprocesses use one OpenMP thread (tests/conftest.py). Whole files
+# per worker (module fixtures built once), in the order conftest gives: files with slow tests first.
+XDIST  := -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(RUN) -m pytest -q $(XDIST)

@@ -117,7 +117,6 @@ def real_shape_model(tier: str, extra: list[str], layers: int, where: Path) -> P
 
 
 @pytest.mark.tiers
-@pytest.mark.xdist_group("tiers")  # one worker, one tier at a time: two at once would not fit in 24 GB
 @pytest.mark.parametrize("tier", list(TIERS))
 def test_tier_at_real_shapes(tier, clips, kmmlu_dir, tmp_path):
     from vlm.export import export, load_exported
