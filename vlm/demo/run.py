@@ -260,10 +260,8 @@ def warm_up(cfg: DemoEntry, precision: str, times: dict[str, float]) -> tuple[Pa
 
 def run_demo(cfg: Any) -> dict[str, Any]:
     from vlm.train.run import train
-    from vlm.util.cli import quiet_libraries
 
     cfg: DemoEntry = to_typed(cfg)
-    quiet_libraries(cfg.verbose)  # again: importing Lightning just now reset its loggers to INFO (banners)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     t0, load0 = time.time(), os.getloadavg()

@@ -28,6 +28,10 @@ _HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--multirun", "-
 _NOISY_LOGGERS = (
     "lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "transformers",
     "huggingface_hub", "datasets", "lm_eval", "torch.distributed", "timm", "open_clip", "root",
+    # Importing Lightning sets its package loggers back to INFO, and the CLIs import it after this runs;
+    # its banners come from these children, whose own level the import leaves alone.
+    "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.seed",
 )  # fmt: skip
 
 
