@@ -30,21 +30,24 @@ def tiny(typed, tmp_path_factory):
     return replace(model, name_or_path=str(where))
 
 
+@pytest.fixture(scope="module")
+def nf4_dir(tiny, tmp_path_factory):
+    """Quantized once for the module (`vlm.export`'s quantize=true; its CLI route: tests/vlm/moe)."""
+    from vlm.export import export
+
+    return export(decoder_source(tiny), tmp_path_factory.mktemp("q") / "nf4", quantize=True)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the compute dtype it is loaded for
-def test_dense_nf4_checkpoint_equals_quantizing_on_load(tiny, tmp_path, run_cli, dtype):
-    out = tmp_path / "nf4"
-    code, _, err = run_cli(
-        "vlm.export", "quantize=true", f"checkpoint={decoder_source(tiny)}", f"output={out}"
-    )
-    assert code == 0, err
+def test_dense_nf4_checkpoint_equals_quantizing_on_load(tiny, nf4_dir, dtype):
     assert {"config.json", "kovicap_nf4.json", "model.safetensors", "tokenizer.json"} <= {
-        p.name for p in out.iterdir()
+        p.name for p in nf4_dir.iterdir()
     }
-    meta = json.loads((out / "kovicap_nf4.json").read_text())
+    meta = json.loads((nf4_dir / "kovicap_nf4.json").read_text())
     assert meta["source"] == decoder_source(tiny) and "experts" not in meta
 
     ref = load_decoder(tiny, dtype)  # 16-bit weights quantized while loading
-    got = load_decoder(replace(tiny, name_or_path=str(out)), dtype)
+    got = load_decoder(replace(tiny, name_or_path=str(nf4_dir)), dtype)
     lin4 = [m for m in got.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(lin4) == 7 * got.config.num_hidden_layers
     assert all(m.compute_dtype == getattr(torch, dtype) for m in lin4)
@@ -55,10 +58,19 @@ def test_dense_nf4_checkpoint_equals_quantizing_on_load(tiny, tmp_path, run_cli,
         torch.testing.assert_close(got(IDS).logits, ref(IDS).logits, rtol=0, atol=0)
 
 
-def test_dense_nf4_checkpoint_refuses_a_16_bit_request(tiny, tmp_path, run_cli):
-    out = tmp_path / "nf4"
-    assert (
-        run_cli("vlm.export", "quantize=true", f"checkpoint={decoder_source(tiny)}", f"output={out}")[0] == 0
-    )
+def test_dense_nf4_checkpoint_refuses_a_16_bit_request(tiny, nf4_dir):
     with pytest.raises(UsageError, match=r"model.quantize=none: .* is an NF4 checkpoint"):
-        load_decoder(replace(tiny, name_or_path=str(out), quantize="none"))
+        load_decoder(replace(tiny, name_or_path=str(nf4_dir), quantize="none"))
+
+
+def test_quantize_refuses_a_decoder_that_is_not_qwen3(tmp_path):
+    from transformers import AutoConfig
+
+    from vlm.export import ExportError, export
+
+    AutoConfig.for_model("llama", hidden_size=8, num_attention_heads=2, num_hidden_layers=1).save_pretrained(
+        tmp_path / "llama"
+    )
+    with pytest.raises(ExportError, match=r"quantize=true saves Qwen3 decoders; this is llama"):
+        export(tmp_path / "llama", tmp_path / "out", quantize=True)
+    assert not (tmp_path / "out").exists()
