@@ -1,5 +1,5 @@
-"""Test-wide setup: offline hub, Triton's CPU interpreter, one thread per xdist worker, longest tests
-first, the typed-config composer."""
+"""Test-wide setup: offline hub, Triton's CPU interpreter, one thread per xdist worker, files with slow
+tests first, the typed-config composer."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ streamed from the shards and quantized a few at a time (`vlm.moe.load`): loading
 the NF4 model plus one small chunk of 16-bit experts. `save_nf4` writes a loaded NF4 decoder, dense or
 MoE, as an NF4 checkpoint (bitsandbytes' serialization for the Linear layers, the experts' NF4 buffers,
 safetensors, and `kovicap_nf4.json` naming its source); `load_decoder` recognises such a directory and
-loads it without quantizing anything (on a CPU, bitsandbytes quantizes ~17 M weights/s per thread,
-measured: ~30 s per Qwen3-32B layer on every load; on a GPU the checkpoint is 4x fewer bytes to read).
+loads it without quantizing anything (on a CPU, bitsandbytes quantized 17 M weights/s per thread here,
+so ~28 s for each Qwen3-32B layer's 487 M on every load; on a GPU the checkpoint is 4x fewer bytes).
 """
 
 from __future__ import annotations
