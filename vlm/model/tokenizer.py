@@ -121,8 +121,32 @@ def _built() -> PreTrainedTokenizerBase:
     return tok
 
 
+def _version(source: str) -> tuple:
+    """What a cached load of `source` is valid for: a local directory's files as they are now (a
+    re-export replaces them), a hub id as named (one process sees one snapshot of its cache)."""
+    path = Path(source)
+    if not path.is_dir():
+        return (source,)
+    stats = ((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in path.iterdir() if f.is_file())
+    return (str(path.resolve()), *sorted(stats))
+
+
+@functools.lru_cache(maxsize=2)  # ~150 MB each (the Python-side vocab and merges); a run uses 1-2
+def _loaded(version: tuple) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(version[0])
+
+
 def load_tokenizer(source: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """Qwen3 fast tokenizer from `source` (local dir or hub id) or, with None, built offline."""
-    if source is not None:
-        return AutoTokenizer.from_pretrained(str(source))
-    return copy.deepcopy(_built())  # callers may change padding_side etc.; keep the cache pristine
+    """Qwen3 fast tokenizer from `source` (local dir or hub id) or, with None, built offline.
+
+    Loaded once per process and source: transformers parses the 151k-entry vocab and merges in Python
+    at every `from_pretrained` (2-2.5 s here, as long as a deepcopy), and one run loads it in training,
+    planning, export and captioning. Each caller gets its own copy of the wrapper's settings (padding
+    side, lengths, template, special-token maps: lm_eval sets a missing pad token) over the shared
+    vocab, merges and Rust tokenizer, which the wrapper reconfigures at every call; nothing here adds
+    tokens to them."""
+    tok = copy.copy(_built() if source is None else _loaded(_version(str(source))))
+    for name, value in vars(tok).items():
+        if isinstance(value, (dict, list, set)) and len(value) < 4096:  # not the 151k vocab / merges
+            setattr(tok, name, copy.copy(value))
+    return tok
