@@ -6,9 +6,9 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from vlm.model.build import build_vlm, trainable_parameters
+from vlm.model.build import build_vlm, embedding_rms, trainable_parameters
 from vlm.model.captioner import VideoCaptioner
-from vlm.model.tokenizer import VIDEO_PAD_ID
+from vlm.model.tokenizer import VIDEO_PAD_ID, VOCAB_SIZE
 
 CAPTIONS = ["빨간 원이 왼쪽에서 오른쪽으로 움직인다.", "파란 사각형이 위에서 아래로 이동한다."]
 
@@ -102,3 +102,17 @@ def test_batched_greedy_equals_one_by_one(stage2, frames):
     single = [cap.caption_features(feats[i : i + 1], users=[users[i]], max_new_tokens=8)[0] for i in range(2)]
     assert batched == single
     assert all(isinstance(c, str) and c for c in batched)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_rms_is_over_the_used_rows(dtype):
+    """fp64 reference over the 151,669 used rows only (the padded rows past them are left out)."""
+    emb = torch.nn.Embedding(VOCAB_SIZE + 267, 64)
+    with torch.no_grad():
+        emb.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+        emb.weight[VOCAB_SIZE:] = 100.0  # unused rows: must not count
+    emb.to(dtype)
+    decoder = torch.nn.Module()
+    decoder.get_input_embeddings = lambda: emb
+    want = emb.weight[:VOCAB_SIZE].double().pow(2).mean().sqrt().item()
+    assert embedding_rms(decoder) == pytest.approx(want, rel=1e-6)
