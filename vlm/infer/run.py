@@ -7,6 +7,7 @@ to; the summary and the exit code (0 all captioned, 3 some failed, 2 usage error
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import time
@@ -103,10 +104,16 @@ def run(cfg: Any) -> dict[str, Any]:
     if primary:
         output.lock()
     try:
-        return _run(cfg, src, output, meta, primary, stop)
+        summary = _run(cfg, src, output, meta, primary, stop)
     finally:
         output.release()
         stop.restore()
+    # The model sits in reference cycles (the Trainer and its callbacks, `stop` among them) that only the
+    # collector frees: without this a process that captions folder after folder held one model per call
+    # (9.0 GiB after captioning at 14B's shapes, 1.1 GiB once collected).
+    del stop, output
+    gc.collect()
+    return summary
 
 
 def _run(

@@ -3,6 +3,7 @@ kill -9 and SIGTERM mid-run then resume, two DDP processes vs one, SRT output, u
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -162,6 +163,26 @@ def test_rerun_skips_done_appends_changed_and_retries_failed(reference, folder, 
         assert sorted(r["video"] for r in lines(out)[-7:]) == folder["bad"]
     finally:  # the folder is shared with the other tests
         os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_returns_with_its_model_freed(export_dir, folder, tmp_path):
+    """A process that captions folder after folder holds no model between calls: the Trainer keeps it in
+    reference cycles, which the function collects before returning (automatic collection is off here,
+    so nothing else can)."""
+    from vlm.infer.run import caption_folder
+    from vlm.model.vlm import VLM
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(folder["root"] / "a.mp4", tmp_path / "in" / "a.mp4")
+    alive = lambda: sum(isinstance(o, VLM) for o in gc.get_objects())  # noqa: E731
+    gc.collect()  # earlier tests' garbage
+    before = alive()
+    gc.disable()
+    try:
+        s = caption_folder(tmp_path / "in", tmp_path / "o.jsonl", export_dir, batch_size=1, num_workers=0, **GEN)
+        assert s["ok"] == 1 and alive() == before
+    finally:
+        gc.enable()
 
 
 @pytest.mark.slow  # ~40 s: two CLI processes
