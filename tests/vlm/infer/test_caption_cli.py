@@ -179,7 +179,9 @@ def test_returns_with_its_model_freed(export_dir, folder, tmp_path):
     before = alive()
     gc.disable()
     try:
-        s = caption_folder(tmp_path / "in", tmp_path / "o.jsonl", export_dir, batch_size=1, num_workers=0, **GEN)
+        s = caption_folder(
+            tmp_path / "in", tmp_path / "o.jsonl", export_dir, batch_size=1, num_workers=0, **GEN
+        )
         assert s["ok"] == 1 and alive() == before
     finally:
         gc.enable()
