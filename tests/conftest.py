@@ -1,5 +1,5 @@
-"""Test-wide setup: offline hub, Triton's CPU interpreter, one thread per xdist worker, the longest files
-first, the typed-config composer."""
+"""Test-wide setup: offline hub, Triton's CPU interpreter, one thread per xdist worker, files with slow
+tests first, the typed-config composer."""
 
 from __future__ import annotations
 
@@ -27,17 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest first, so that the two xdist workers (whole files each) end together: the real-shape
-    tiers (one file, so one worker runs them one after another: two at once do not fit in 24 GB), then
-    the files with a slow test. The sort is stable and by file, so a file's own order is kept."""
+    """Files with a slow test first, so that the two xdist workers (whole files each) end together.
+    The sort is stable and by file, so a file's own order is kept."""
     heavy = {i.nodeid.split("::")[0] for i in items if i.get_closest_marker("slow")}
-
-    def rank(item: pytest.Item) -> int:
-        if item.get_closest_marker("tiers"):
-            return 0
-        return 1 if item.nodeid.split("::")[0] in heavy else 2
-
-    items.sort(key=rank)
+    items.sort(key=lambda item: 0 if item.nodeid.split("::")[0] in heavy else 1)
 
 
 @pytest.fixture(scope="session")
