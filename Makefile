@@ -27,8 +27,9 @@ XDIST  := -n 2 --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(RUN) -m pytest -q $(XDIST)
 
+# All four real-shape tiers, one after another (make test runs t4 and l4; a100 and 32B are marked `tiers`).
 test-tiers: $(STAMP)
-	$(RUN) -m pytest -q -m tiers -s
+	$(RUN) -m pytest -q -s tests/vlm/test_real_tiers.py -m "tiers or slow"
 
 test-fast: $(STAMP)
 	$(RUN) -m pytest -q $(XDIST) -m "not slow and not tiers"

@@ -1,5 +1,5 @@
-"""Test-wide setup: offline hub, Triton's CPU interpreter, one thread per xdist worker, files with slow
-tests first, the typed-config composer."""
+"""Test-wide setup: offline hub, Triton's CPU interpreter, one thread per xdist worker, the longest files
+first, the typed-config composer."""
 
 from __future__ import annotations
 
@@ -26,11 +26,20 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 REPO = Path(__file__).resolve().parents[1]
 
 
+TIER_FILE = "tests/vlm/test_real_tiers.py"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with a slow test first, so that the two xdist workers (whole files each) end together.
-    The sort is stable and by file, so a file's own order is kept."""
+    """Longest first, so that the two xdist workers (whole files each) end together: the real-shape tier
+    file (one worker runs its tiers one after another: two at once do not fit in 24 GB), then the files
+    with a slow test. The sort is stable and by file, so a file's own order is kept."""
     heavy = {i.nodeid.split("::")[0] for i in items if i.get_closest_marker("slow")}
-    items.sort(key=lambda item: 0 if item.nodeid.split("::")[0] in heavy else 1)
+
+    def rank(item: pytest.Item) -> int:
+        file = item.nodeid.split("::")[0]
+        return 0 if file == TIER_FILE else 1 if file in heavy else 2
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")

@@ -136,8 +136,15 @@ def real_shape_model(tier: str, extra: list[str], layers: int, where: Path) -> P
     return where
 
 
-@pytest.mark.tiers
-@pytest.mark.parametrize("tier", list(TIERS))
+# t4 and l4 run in `make test` (~2-3 min each on one busy core); a100 (+SigLIP2 at 384 px) and the 32B
+# take ~7 min each there, so they run with `make test-tiers` (marker `tiers`), which runs all four.
+IN_MAKE_TEST = ("t4", "l4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "tier", [t if t in IN_MAKE_TEST else pytest.param(t, marks=pytest.mark.tiers) for t in TIERS]
+)
 def test_tier_at_real_shapes(tier, clips, kmmlu_dir, tmp_path):
     from vlm.export import export, load_exported
     from vlm.infer.run import caption_folder
