@@ -127,8 +127,8 @@ def _version(source: str) -> tuple:
     path = Path(source)
     if not path.is_dir():
         return (source,)
-    stats = ((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in path.iterdir() if f.is_file())
-    return (str(path.resolve()), *sorted(stats))
+    stats = [(f.name, f.stat()) for f in path.iterdir() if f.is_file()]
+    return (str(path.resolve()), *sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats))
 
 
 @functools.lru_cache(maxsize=2)  # ~150 MB each (the Python-side vocab and merges); a run uses 1-2

@@ -148,3 +148,18 @@ def test_save_and_reload_with_autotokenizer(tok, tmp_path):
     assert again.chat_template == tok.chat_template
     assert (again.eos_token, again.pad_token) == (tok.eos_token, tok.pad_token)
     assert load_tokenizer(tmp_path)("Hello").input_ids == [9707]
+
+
+def test_loaded_once_yet_each_caller_has_its_own_settings(tmp_path):
+    """The per-process cache: what one caller sets (lm_eval sets the padding side and, when missing, the
+    pad token) does not reach the next caller, and a directory written again is read again."""
+    load_tokenizer().save_pretrained(tmp_path)
+    a = load_tokenizer(tmp_path)
+    a.padding_side, a.pad_token, a.chat_template = "left", "<|im_start|>", "changed"
+    b = load_tokenizer(tmp_path)
+    assert (b.padding_side, b.pad_token, b.pad_token_id) == ("right", "<|endoftext|>", 151643)
+    assert b.chat_template != "changed" and b(["a", "a b"], padding=True).input_ids[0][-1] == 151643
+    assert load_tokenizer().pad_token == "<|endoftext|>"  # the offline-built one too
+
+    a.save_pretrained(tmp_path)  # a re-export replaces the files: the new ones are what loads
+    assert load_tokenizer(tmp_path).chat_template == "changed"
