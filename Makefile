@@ -21,7 +21,8 @@ $(STAMP): requirements.txt pyproject.toml
 
 # Two pytest workers: most tests keep one core busy (imports, subprocesses, small ops), so two run
 # side by side; each worker and its subprocesses use one OpenMP thread (tests/conftest.py). Whole files
-# per worker (module fixtures built once), in the order conftest gives: files with slow tests first.
+# per worker (module fixtures built once), in the order conftest gives: the real-shape tier file, then
+# files with slow tests.
 XDIST  := -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)

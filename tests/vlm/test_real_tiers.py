@@ -58,8 +58,7 @@ def anon_rss() -> int:
 
 
 class PeakAnon:
-    """Peak of `anon_rss` while the block runs, sampled every 10 ms on a thread (a GiB-sized tensor
-    takes longer than that to allocate and fill here)."""
+    """Peak of `anon_rss` while the block runs, sampled every 10 ms on a thread."""
 
     def __enter__(self) -> PeakAnon:
         self.base = self.peak = anon_rss()
@@ -111,8 +110,8 @@ def real_shape_model(tier: str, extra: list[str], layers: int, where: Path) -> P
     """The tier decoder's real architecture with `layers` layers, random seeded weights in the tier's
     compute dtype (transformers' init: normal(0, initializer_range), norms 1), saved like a downloaded
     checkpoint (config, safetensors, tokenizer). Built on the meta device and initialised once: modules
-    built on the CPU draw every weight twice (their own reset, then the model's init), 21.6 s against
-    11.9 s at 8B's shapes, all of it the random number generator."""
+    built on the CPU draw every weight twice (their own reset, then the model's init): 21.6 s against
+    11.9 s for 8B's shapes at 2 layers, nearly all of it the random number generator."""
     from transformers import AutoModelForCausalLM
 
     from vlm.model.tokenizer import load_tokenizer
@@ -136,8 +135,9 @@ def real_shape_model(tier: str, extra: list[str], layers: int, where: Path) -> P
     return where
 
 
-# t4 and l4 run in `make test` (~2-3 min each on one busy core); a100 (+SigLIP2 at 384 px) and the 32B
-# take ~7 min each there, so they run with `make test-tiers` (marker `tiers`), which runs all four.
+# t4 and l4 run in `make test` (134 s and 176 s there, on one busy core); a100 (+SigLIP2 at 384 px) took
+# 408 s there and the 32B 379 s alone, too much for its 20 minutes, so they run with `make test-tiers`
+# (marker `tiers`), which runs all four.
 IN_MAKE_TEST = ("t4", "l4")
 
 
