@@ -94,5 +94,11 @@ def test_local_weights_load_and_change_the_cache_key(tmp_path):
         build_vision(replace(cfg, weights=str(whole))),
         build_vision(replace(cfg, weights=str(visual_only))),
     )
-    torch.testing.assert_close(a.visual.conv1.weight, clip.visual.conv1.weight, rtol=0, atol=0)
+    got = a.visual.state_dict()
+    assert got.keys() == clip.visual.state_dict().keys()
+    for k, v in clip.visual.state_dict().items():  # every tensor the file's, none left on the meta device
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0)
     assert a.cache_key == b.cache_key != base.cache_key
+    half = tmp_path / "half.safetensors"  # a 16-bit file gives the tower the dtype a built one has
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in clip.visual.state_dict().items()}, half)
+    assert {p.dtype for p in build_vision(replace(cfg, weights=str(half))).parameters()} == {torch.float32}
