@@ -35,12 +35,12 @@ XDIST  := -n 2 --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(RUN) -m pytest -q $(XDIST)
 
-# All four real-shape tiers, one after another (make test runs t4 and l4; a100 and 32B are marked `tiers`).
+# The four real-shape tiers alone (make test runs them too), one after another, each printing its report.
 test-tiers: $(STAMP)
-	$(RUN) -m pytest -q -s tests/vlm/test_real_tiers.py -m "tiers or slow"
+	$(RUN) -m pytest -q -s tests/vlm/test_real_tiers.py
 
 test-fast: $(STAMP)
-	$(RUN) -m pytest -q $(XDIST) -m "not slow and not tiers"
+	$(RUN) -m pytest -q $(XDIST) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -333,13 +333,12 @@ def real_arch(layers: int):
 
 
 def save_real_moe(arch, out: Path, seed: int = 0) -> Path:
-    """A seeded random Qwen3MoeForCausalLM of `arch`, saved in bf16 in 1 GB shards (the hub's layout)."""
-    from transformers import AutoModelForCausalLM
-
+    """A seeded random Qwen3MoeForCausalLM of `arch` (`bench.random_model`), saved in bf16 in 1 GB shards
+    (the hub's layout)."""
+    from bench.random_model import random_causal_lm
     from vlm.model.decoder import arch_config
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(arch_config(arch), dtype=torch.bfloat16)
+    model = random_causal_lm(arch_config(arch), torch.bfloat16, seed)
     model.save_pretrained(out, max_shard_size="1GB")
     return out
 

@@ -6,14 +6,15 @@
    makes them (reused when already in DIR);
 2. one stage-2 step of `gpu=h100 train=stage2_lora` on the NF4 checkpoint (CPU settings, r=8): the
    trainable parameters must be the planner's count (attention LoRA + ExpertLoRA on every routed expert);
-3. `python -m vlm.export ... merge=true merge_dtype=float32` in a fresh process, its peak RSS measured;
+3. `python -m vlm.export`'s export with merge=true merge_dtype=float32 in a fresh process, its anonymous
+   memory measured (after the imports and at its peak);
 4. float32 logits of the first decoder layer (plus final norm and head; a float32 stock model of both
    layers needs 7.3 GB): ours as trained, stock transformers + stock peft on `adapter/`, on the vLLM-
    layout `adapter_vllm/`, and the streamed `merged/` model through stock `AutoModelForCausalLM`.
 Each comparison must hold to atol 1e-4 (the script fails otherwise). Writes bench/results/moe_real.json.
 
-Too slow for `make test` (minutes on 2 cores, gigabytes written): the tests run the same code on the tiny
-Qwen3-MoE (tests/vlm/export/test_export_moe.py) and the real-shape load (tests/vlm/moe/test_real_shape.py).
+`make test` runs the same chain (`run_chain`, `check`) on the same 2-layer model in
+tests/vlm/moe/test_real_shape.py, and the same code on the tiny Qwen3-MoE in tests/vlm/export/.
 """
 
 from __future__ import annotations
@@ -69,15 +70,41 @@ def train_step(nf4: Path, work: Path) -> tuple[Path, int]:
     return Path(res["last_checkpoint"]), int(res["trainable_params"])
 
 
-def export_with_merge(ckpt: Path, out: Path) -> int:
-    """`python -m vlm.export ... merge=true merge_dtype=float32`; returns its peak RSS in bytes."""
+# `python -m vlm.export`'s `export(...)` in a fresh process, with its anonymous memory (resident minus
+# shared: not the safetensors pages it maps while reading, which the kernel drops at will) sampled every
+# 10 ms: once the libraries are imported (the baseline) and at its peak.
+_EXPORT = """
+import json, os, sys, threading
+from vlm.export.write import export
+page = os.sysconf("SC_PAGE_SIZE")
+def anon():
+    with open("/proc/self/statm") as f:
+        resident, shared = f.read().split()[1:3]
+    return (int(resident) - int(shared)) * page
+base = peak = anon()
+done = threading.Event()
+def watch():
+    global peak
+    while not done.wait(0.01):
+        peak = max(peak, anon())
+t = threading.Thread(target=watch, daemon=True)
+t.start()
+export(sys.argv[1], sys.argv[2], merge=True, merge_dtype="float32", overwrite=True)
+done.set()
+t.join()
+print(json.dumps({"baseline": base, "peak": max(peak, anon())}))
+"""
+
+
+def export_with_merge(ckpt: Path, out: Path) -> dict:
+    """`export(ckpt, out, merge=True, merge_dtype="float32")` in a fresh process: {"baseline", "peak"}
+    anonymous bytes (after the imports, and the most while exporting)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "vlm.export", f"checkpoint={ckpt}", f"output={out}",
-           "merge=true", "merge_dtype=float32", "overwrite=true"]  # fmt: skip
+    cmd = [sys.executable, "-c", _EXPORT, str(ckpt), str(out)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
         raise RuntimeError(f"export failed: {r.stderr[-3000:]}")
-    return int(r.stderr.strip().splitlines()[-1]) * 1024
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @torch.no_grad()
@@ -148,30 +175,20 @@ def compare(ckpt: Path, out: Path, bf16: Path) -> dict:
     return diff
 
 
-def main() -> None:
+def run_chain(bf16: Path, nf4: Path, work: Path) -> dict:
+    """Steps 2-4 on a saved model and its NF4 checkpoint: trainable counts, the merge's peak and shard,
+    the logit differences (`check` says what of it fails)."""
     from transformers import AutoConfig
 
     from vlm.plan import GIB
     from vlm.plan import terms as pt
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default="/tmp/kovicap_moe_load", help="where models and outputs are written")
-    work = Path(ap.parse_args().workdir) / "real2"
-    bf16, nf4 = work / "bf16", work / "nf4"
-    result: dict = {"machine": machine(), "layers": 2, "lora_r": R}
-    t0 = time.perf_counter()
-    if not (bf16 / "config.json").is_file():
-        save_real_moe(real_arch(2), bf16)
-    if not (nf4 / "config.json").is_file():
-        result["load_from_bf16"] = measure_load(bf16, "bfloat16", save_to=nf4)
-    result["load_from_nf4"] = measure_load(nf4, "bfloat16")
-
-    ckpt, trainable = train_step(nf4, work)
-    hf = AutoConfig.from_pretrained(bf16)
-    arch = real_arch(2)
-    with_experts, attention = expected_lora_params(arch, R, True), expected_lora_params(arch, R, False)
     from vlm.train.checkpoint import load_dir
 
+    hf = AutoConfig.from_pretrained(bf16)
+    result: dict = {"layers": hf.num_hidden_layers, "lora_r": R}
+    ckpt, trainable = train_step(nf4, work)
+    arch = real_arch(hf.num_hidden_layers)
+    with_experts, attention = expected_lora_params(arch, R, True), expected_lora_params(arch, R, False)
     state = load_dir(ckpt)["state_dict"]
     in_ckpt = sum(v.numel() for k, v in state.items() if ".lora" in k)
     trained_b = [
@@ -179,27 +196,53 @@ def main() -> None:
     ]
     result["trainable"] = {"total": trainable, "lora_in_checkpoint": in_ckpt, "expected_lora": with_experts,
                            "expected_attention_only": attention, "expert_B_factors_moved": len(trained_b)}  # fmt: skip
-    if in_ckpt != with_experts or len(trained_b) != 2 * 2:
-        raise SystemExit(
-            f"trainable LoRA {in_ckpt} != expected {with_experts}, or experts untrained: {result}"
-        )
     del state
     gc.collect()
 
     out = work / "export"
-    result["export_merge_peak_rss_gib"] = round(export_with_merge(ckpt, out) / GIB, 3)
+    mem = export_with_merge(ckpt, out)
+    result["export_merge_anon_gib"] = {k: round(v / GIB, 3) for k, v in mem.items()}
     sh = pt.decoder_shapes(hf)
     result["one_layer_experts_fp32_gib"] = round(3 * sh.experts * sh.hidden * sh.expert_inter * 4 / GIB, 3)
     shards = [p.stat().st_size for p in (out / "merged").glob("*.safetensors")]
     result["largest_merged_shard_gib"] = round(max(shards) / GIB, 3)
-    result["logit_max_abs_diff"] = diff = compare(ckpt, out, bf16)
+    result["logit_max_abs_diff"] = compare(ckpt, out, bf16)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/kovicap_moe_load", help="where models and outputs are written")
+    work = Path(ap.parse_args().workdir) / "real2"
+    bf16, nf4 = work / "bf16", work / "nf4"
+    result: dict = {"machine": machine()}
+    t0 = time.perf_counter()
+    if not (bf16 / "config.json").is_file():
+        save_real_moe(real_arch(2), bf16)
+    if not (nf4 / "config.json").is_file():
+        result["load_from_bf16"] = measure_load(bf16, "bfloat16", save_to=nf4)
+    result["load_from_nf4"] = measure_load(nf4, "bfloat16")
+    result.update(run_chain(bf16, nf4, work))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["machine"]["load_avg_at_end"] = os.getloadavg()
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+    if problems := check(result):
+        raise SystemExit("; ".join(problems))
+
+
+def check(result: dict) -> list[str]:
+    """What of `run_chain`'s result does not hold: LoRA on every expert at the planner's count, every
+    expert B factor moved by the step, every stock load within ATOL of our logits, an adapter with effect."""
+    t, diff, out = result["trainable"], result["logit_max_abs_diff"], []
+    if t["lora_in_checkpoint"] != t["expected_lora"]:
+        out.append(f"trainable LoRA {t['lora_in_checkpoint']} != expected {t['expected_lora']}")
+    if t["expert_B_factors_moved"] != 2 * result["layers"]:
+        out.append(f"{t['expert_B_factors_moved']} expert B factors moved, want {2 * result['layers']}")
     bad = {k: v for k, v in diff.items() if k not in ("adapter_effect", "logit_scale") and v > ATOL}
     if bad or diff["adapter_effect"] <= 1e-2:
-        raise SystemExit(f"logits differ beyond {ATOL} (or the adapter has no effect): {diff}")
+        out.append(f"logits differ beyond {ATOL} (or the adapter has no effect): {diff}")
+    return out
 
 
 if __name__ == "__main__":

@@ -27,17 +27,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 TIER_FILE = "tests/vlm/test_real_tiers.py"
+MOE_FILE = "tests/vlm/moe/test_real_shape.py"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Longest first, so that the two xdist workers (whole files each) end together: the real-shape tier
-    file (one worker runs its tiers one after another: two at once do not fit in 24 GB), then the files
-    with a slow test. The sort is stable and by file, so a file's own order is kept."""
+    file, the real-shape MoE file, then the files with a slow test. xdist hands the first file to one
+    worker and the second to the other, so the tiers run one after another (two at once do not fit in
+    24 GB) while the MoE chain runs beside the smaller two (its stock-peft comparison holds ~12 GB; it
+    ends before the tier file reaches a100). The sort is stable and by file, so a file's own order is
+    kept."""
     heavy = {i.nodeid.split("::")[0] for i in items if i.get_closest_marker("slow")}
+    first = {TIER_FILE: 0, MOE_FILE: 1}
 
     def rank(item: pytest.Item) -> int:
         file = item.nodeid.split("::")[0]
-        return 0 if file == TIER_FILE else 1 if file in heavy else 2
+        return first.get(file, 2 if file in heavy else 3)
 
     items.sort(key=rank)
 

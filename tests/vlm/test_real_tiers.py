@@ -5,8 +5,8 @@ FFN, tied embeddings and vocab, and the tier's real vision tower at its real ima
 Only what the hardware and the time here force is overridden: the decoder's depth (a local model
 directory of the real architecture cut to 1–2 layers, saved in the tier's dtype with its tokenizer, then
 quantized once into an NF4 checkpoint with `vlm.export`'s `quantize=true`, which every step loads), the
-tower's depth in use (`vision.feature_layer`: the blocks after it never run) and its weights (random:
-`vision.pretrained=null`, no download), the device (`trainer.accelerator=cpu` with fp32 compute: on a CPU
+tower's depth in use (`vision.feature_layer=0`: its first block; the blocks after it never run) and its
+weights (random: `vision.pretrained=null`, no download), the device (`trainer.accelerator=cpu` with fp32 compute: on a CPU
 without AVX-512 BF16 a bf16 matmul is emulated, 257 s against 3.3 s in fp32 for the tiny head's backward,
 measured here) and the work per run (one step, no gradient accumulation). Everything else (batch, frames,
 checkpointing, NF4, LoRA r=64, vision tower, image size) is the tier's. The memory each stage's model holds
@@ -35,10 +35,11 @@ TOWERS = {
     "vit_l_14": (1024, (16, 16), 224),
     "siglip2_so400m": (1152, (24, 24), 384),
 }  # width, grid, image size
-# tier -> (extra config choice, decoder layers kept, vision yaml)
+# tier -> (extra config choice, decoder layers kept, vision yaml), in the order they run: the smaller two
+# first, beside the real-shape MoE chain on the other `make test` worker (see tests/conftest.py)
 TIERS = {
-    "t4": ([], 2, "vit_l_14"),
     "l4": ([], 1, "vit_l_14"),
+    "t4": ([], 2, "vit_l_14"),
     "a100": (["vision=siglip2_so400m"], 1, "siglip2_so400m"),
     "h100-32b": (["model=qwen3_32b"], 1, "vit_l_14"),
 }
@@ -108,43 +109,20 @@ def clips(tmp_path_factory) -> Path:
 
 def real_shape_model(tier: str, extra: list[str], layers: int, where: Path) -> Path:
     """The tier decoder's real architecture with `layers` layers, random seeded weights in the tier's
-    compute dtype (transformers' init: normal(0, initializer_range), norms 1), saved like a downloaded
-    checkpoint (config, safetensors, tokenizer). Built on the meta device and initialised once: modules
-    built on the CPU draw every weight twice (their own reset, then the model's init): 21.6 s against
-    11.9 s for 8B's shapes at 2 layers, nearly all of it the random number generator."""
-    from transformers import AutoModelForCausalLM
-
+    compute dtype (`bench.random_model`), saved like a downloaded checkpoint (config, safetensors,
+    tokenizer)."""
+    from bench.random_model import random_causal_lm
     from vlm.model.tokenizer import load_tokenizer
 
     cfg = to_typed(compose("train", [f"gpu={tier.split('-')[0]}", *extra]))
     hf = arch_config(replace(cfg.model.arch, num_hidden_layers=layers))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf, dtype=DTYPES[cfg.gpu.compute_dtype])
-    model.to_empty(device="cpu")  # the rotary buffers are left unset: not saved, recomputed at load
-    model.tie_weights()  # to_empty gives every module its own storage: tie the 4B's embedding again
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                assert "norm" in name, name  # Qwen3 has no biases
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, hf.initializer_range, generator=gen)
-    model.save_pretrained(where)
+    random_causal_lm(hf, DTYPES[cfg.gpu.compute_dtype]).save_pretrained(where)
     load_tokenizer().save_pretrained(where)
     return where
 
 
-# t4 and l4 run in `make test` (134 s and 176 s there, on one busy core); a100 (+SigLIP2 at 384 px) took
-# 408 s there and the 32B 379 s alone, too much for its 20 minutes, so they run with `make test-tiers`
-# (marker `tiers`), which runs all four.
-IN_MAKE_TEST = ("t4", "l4")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "tier", [t if t in IN_MAKE_TEST else pytest.param(t, marks=pytest.mark.tiers) for t in TIERS]
-)
+@pytest.mark.parametrize("tier", list(TIERS))
 def test_tier_at_real_shapes(tier, clips, kmmlu_dir, tmp_path):
     from vlm.export import export, load_exported
     from vlm.infer.run import caption_folder
@@ -156,7 +134,7 @@ def test_tier_at_real_shapes(tier, clips, kmmlu_dir, tmp_path):
     # Quantized once, as the README advises (`python -m vlm.export quantize=true`): bitsandbytes
     # quantizes ~17 M weights/s per CPU thread, and the chain below loads the decoder five times.
     nf4_dir = export(model_dir, tmp_path / "model-nf4", quantize=True)
-    over = [f"gpu={gpu}", *extra, f"model.name_or_path={nf4_dir}", "vision.pretrained=null", "vision.feature_layer=1",
+    over = [f"gpu={gpu}", *extra, f"model.name_or_path={nf4_dir}", "vision.pretrained=null", "vision.feature_layer=0",
             "trainer.accelerator=cpu", "trainer.precision=32-true", "gpu.compute_dtype=float32", f"data.root={clips}",
             "train.max_steps=1", "train.accumulate_grad_batches=1", "progress=false"]  # fmt: skip
     report = {}

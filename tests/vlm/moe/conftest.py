@@ -5,9 +5,9 @@ when a kernel is decorated, and `vlm.moe` imports its kernels lazily, so setting
 module of this folder imports them) is enough.
 
 `real_moe_dir`: Qwen3-30B-A3B's shapes (conf/model/qwen3_30b_a3b.yaml's arch: hidden 2048, 32/4 heads,
-head_dim 128, 128 experts top-8 of width 768, vocab 151,936) with one layer (`REAL_LAYERS`: the test-time
+head_dim 128, 128 experts top-8 of width 768, vocab 151,936) with two layers (`REAL_LAYERS`: the test-time
 budget; `python -m bench.moe --load` measures 2 and 4), seeded random weights, saved in bf16 in 1 GB
-shards like the hub's (2.5 GB). `real_nf4` is its NF4 checkpoint, made once in a
+shards like the hub's (3.7 GB). `real_nf4` is its NF4 checkpoint, made once in a
 subprocess that also reports the load's peak RSS and time (`bench.moe.measure_load`, which the
 loading benchmark uses too).
 """
@@ -24,7 +24,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.moe import measure_load, save_real_moe
 
-REAL_LAYERS = 1
+REAL_LAYERS = 2
 
 
 def real_arch(typed, layers: int = REAL_LAYERS):
