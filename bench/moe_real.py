@@ -207,6 +207,7 @@ def run_chain(bf16: Path, nf4: Path, work: Path) -> dict:
     shards = [p.stat().st_size for p in (out / "merged").glob("*.safetensors")]
     result["largest_merged_shard_gib"] = round(max(shards) / GIB, 3)
     result["logit_max_abs_diff"] = compare(ckpt, out, bf16)
+    result["export_dir"] = str(out)
     return result
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,6 +109,14 @@ def clips(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def work(tmp_path) -> Iterator[Path]:
+    """The test's directory, removed when it ends: a tier writes 5-13 GB (model, NF4 copy, checkpoints,
+    export and merge), 40 GB for the four, which pytest would otherwise keep for three runs."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 def real_shape_model(tier: str, extra: list[str], layers: int, where: Path) -> Path:
     """The tier decoder's real architecture with `layers` layers, random seeded weights in the tier's
     compute dtype (`bench.random_model`), saved like a downloaded checkpoint (config, safetensors,
@@ -123,26 +133,26 @@ def real_shape_model(tier: str, extra: list[str], layers: int, where: Path) -> P
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tier", list(TIERS))
-def test_tier_at_real_shapes(tier, clips, kmmlu_dir, tmp_path):
+def test_tier_at_real_shapes(tier, clips, kmmlu_dir, work):
     from vlm.export import export, load_exported
     from vlm.infer.run import caption_folder
     from vlm.train.run import train
 
     extra, layers, vision = TIERS[tier]
     gpu = tier.split("-")[0]
-    model_dir = real_shape_model(tier, extra, layers, tmp_path / "model")
+    model_dir = real_shape_model(tier, extra, layers, work / "model")
     # Quantized once, as the README advises (`python -m vlm.export quantize=true`): bitsandbytes
     # quantizes ~17 M weights/s per CPU thread, and the chain below loads the decoder five times.
-    nf4_dir = export(model_dir, tmp_path / "model-nf4", quantize=True)
+    nf4_dir = export(model_dir, work / "model-nf4", quantize=True)
     over = [f"gpu={gpu}", *extra, f"model.name_or_path={nf4_dir}", "vision.pretrained=null", "vision.feature_layer=0",
             "trainer.accelerator=cpu", "trainer.precision=32-true", "gpu.compute_dtype=float32", f"data.root={clips}",
             "train.max_steps=1", "train.accumulate_grad_batches=1", "progress=false"]  # fmt: skip
     report = {}
     for stage, more in (
         ("stage1_projector", []),
-        ("stage2_lora", [f"train.init_from={tmp_path / 'stage1_projector' / 'checkpoints' / 'last'}"]),
+        ("stage2_lora", [f"train.init_from={work / 'stage1_projector' / 'checkpoints' / 'last'}"]),
     ):
-        cfg = compose("train", [*over, f"train={stage}", f"output_dir={tmp_path / stage}", *more])
+        cfg = compose("train", [*over, f"train={stage}", f"output_dir={work / stage}", *more])
         typed = to_typed(cfg)
         plan = plan_memory(typed)
         assert plan.layers == layers  # the planner read the model directory, not the YAML's depth
@@ -169,13 +179,13 @@ def test_tier_at_real_shapes(tier, clips, kmmlu_dir, tmp_path):
         gc.collect()
     print(json.dumps({tier: report}))
 
-    exp = export(tmp_path / "stage2_lora" / "checkpoints" / "last", tmp_path / "export", merge=True)
+    exp = export(work / "stage2_lora" / "checkpoints" / "last", work / "export", merge=True)
     meta = json.loads((exp / "vlm.json").read_text())
     assert meta["decoder"]["hidden_size"] == to_typed(compose("train", over)).model.arch.hidden_size
     assert (
         meta["vision"]["weights"] == "vision.safetensors"
     )  # random tower: its weights travel with the export
-    s = caption_folder(clips / "videos" / "val", tmp_path / "captions.jsonl", exp, batch_size=4,
+    s = caption_folder(clips / "videos" / "val", work / "captions.jsonl", exp, batch_size=4,
                        num_workers=0, progress=False, **{"generation.max_new_tokens": 4, "trainer.accelerator": "cpu"})  # fmt: skip
     assert (s["ok"], s["failed"]) == (2, 0)
     captioner = load_exported(exp)
@@ -189,7 +199,7 @@ def test_tier_at_real_shapes(tier, clips, kmmlu_dir, tmp_path):
     from eval.kmmlu import run as kmmlu
 
     k = kmmlu(compose("kmmlu", [*over, f"data_dir={kmmlu_dir}", "subjects=[Fashion]", "limit=2", "num_fewshot=0",
-                                f"adapter={exp / 'adapter'}", f"output={tmp_path / 'kmmlu.json'}"]))  # fmt: skip
+                                f"adapter={exp / 'adapter'}", f"output={work / 'kmmlu.json'}"]))  # fmt: skip
     assert k["per_subject"]["Fashion"]["n"] == 2
 
 

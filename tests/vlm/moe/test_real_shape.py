@@ -15,6 +15,9 @@ norm and head: both layers of a float32 stock model need 7.3 GB).
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from transformers import AutoConfig
@@ -54,10 +57,12 @@ def test_nf4_checkpoint_loads_without_quantizing(real_nf4):
 
 
 @pytest.fixture(scope="module")
-def chain(real_moe_dir, real_nf4, tmp_path_factory) -> dict:
-    result = run_chain(real_moe_dir, real_nf4[0], tmp_path_factory.mktemp("moe_chain"))
+def chain(real_moe_dir, real_nf4, tmp_path_factory) -> Iterator[dict]:
+    work = tmp_path_factory.mktemp("moe_chain")
+    result = run_chain(real_moe_dir, real_nf4[0], work)
     print("\n" + json.dumps(result))
-    return result
+    yield result
+    shutil.rmtree(work, ignore_errors=True)  # 7.4 GB: not left for pytest's kept basetemps
 
 
 def test_stage2_trains_lora_on_every_routed_expert_at_the_planned_count(chain):
@@ -82,3 +87,11 @@ def test_merge_streams_one_layer_at_a_time(chain):
     mem = chain["export_merge_anon_gib"]
     one_layer, shard = chain["one_layer_experts_fp32_gib"], chain["largest_merged_shard_gib"]
     assert mem["peak"] - mem["baseline"] <= one_layer + shard, chain
+
+
+def test_merged_directory_is_complete_for_stock_transformers(chain):
+    """Tokenizer and chat template next to the weights (its logits: test above)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(chain["export_dir"]) / "merged")
+    assert tok.chat_template and tok.convert_tokens_to_ids("<|im_end|>") == 151645
