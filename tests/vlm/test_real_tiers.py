@@ -15,7 +15,6 @@ stays within the planner's weight terms for that run + 25 % (anonymous memory: s
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -32,6 +31,7 @@ import torch
 from vlm.config import compose, to_typed
 from vlm.model.decoder import DTYPES, arch_config
 from vlm.plan import plan_memory
+from vlm.util.memory import release_freed
 
 GIB = 1024**3
 TOWERS = {
@@ -59,15 +59,6 @@ def anon_rss() -> int:
     with open("/proc/self/statm") as f:
         resident, shared = f.read().split()[1:3]
     return (int(resident) - int(shared)) * PAGE
-
-
-def release_freed() -> None:
-    """Hand freed heap memory back to the kernel before memory is read. glibc keeps freed chunks under
-    its mmap threshold (which rises to 32 MiB after large frees) in the heap: taken before a baseline,
-    they are reused by the run without growing RSS (t4 after l4 measured 2.10 GiB held in stage 1,
-    against 2.96 GiB run first), and after the run they count as held although nothing holds them."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PeakAnon:

@@ -32,6 +32,7 @@ from vlm.model.decoder import build_on_meta, nf4_checkpoint
 from vlm.moe.adapter_format import PEFT_ROOT, peft_prefixes, peft_to_factors
 from vlm.moe.lora import PARTS
 from vlm.moe.nf4 import NF4Experts, dequantize_nf4, experts_per_chunk, quantize_nf4
+from vlm.util.memory import release_freed
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 SHARD_BYTES = 2 << 30  # output shards close at the first layer boundary past 2 GiB
@@ -185,6 +186,7 @@ def merge_decoder(
         save_file(shard, out / f".shard-{written:05d}.safetensors", metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, written))
         written, shard = written + 1, {}
+        release_freed()  # the written layer's tensors go back to the OS, not to a heap the next may not reuse
 
     for group in sorted(groups):
         done: set[str] = set()
