@@ -74,14 +74,9 @@ def train_step(nf4: Path, work: Path) -> tuple[Path, int]:
 # shared: not the safetensors pages it maps while reading, which the kernel drops at will) sampled every
 # 10 ms: once the libraries are imported (the baseline) and at its peak.
 _EXPORT = """
-import json, os, sys, threading
+import json, sys, threading
 from vlm.export.write import export
-page = os.sysconf("SC_PAGE_SIZE")
-def anon():
-    with open("/proc/self/statm") as f:
-        resident, shared = f.read().split()[1:3]
-    return (int(resident) - int(shared)) * page
-from vlm.util.memory import release_freed
+from vlm.util.memory import anon_rss as anon, release_freed
 release_freed()  # the imports' freed heap is not counted as the baseline
 base = peak = anon()
 done = threading.Event()

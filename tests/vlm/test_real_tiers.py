@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ import torch
 from vlm.config import compose, to_typed
 from vlm.model.decoder import DTYPES, arch_config
 from vlm.plan import plan_memory
-from vlm.util.memory import release_freed
+from vlm.util.memory import anon_rss, release_freed
 
 GIB = 1024**3
 TOWERS = {
@@ -46,19 +45,6 @@ TIERS = {
     "a100": (["vision=siglip2_so400m"], 1, "siglip2_so400m"),
     "h100-32b": (["model=qwen3_32b"], 1, "vit_l_14"),
 }
-
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def anon_rss() -> int:
-    """Anonymous resident memory: what the process owns. VmRSS/VmHWM also count the file pages of the
-    mmapped safetensors shards while they are read (2.2 GiB of bf16 embedding + head at 8B), which the
-    kernel drops at will and a GPU never holds. statm's resident minus shared is status's RssAnon,
-    read without parsing 50 lines at every sample (the sampler held the GIL for 3 % of a tier run)."""
-    with open("/proc/self/statm") as f:
-        resident, shared = f.read().split()[1:3]
-    return (int(resident) - int(shared)) * PAGE
 
 
 class PeakAnon:

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from vlm.util.memory import _malloc_trim, release_freed
+from vlm.util.memory import _malloc_trim, anon_rss, release_freed
 
 MIB = 1 << 20
-
-
-def anon() -> int:
-    with open("/proc/self/statm") as f:
-        resident, shared = f.read().split()[1:3]
-    return (int(resident) - int(shared)) * os.sysconf("SC_PAGE_SIZE")
 
 
 def test_freed_heap_returns_to_the_kernel():
@@ -23,10 +15,10 @@ def test_freed_heap_returns_to_the_kernel():
     del raise_threshold  # threshold to 16 MiB: the 6 MiB tensors below come from the heap
     parts = [torch.ones(6 * MIB // 4) for _ in range(100)]  # 600 MiB
     pin = torch.ones(MIB // 4)  # above them in the heap: their free pages are not at its top
-    held = anon()
+    held = anon_rss()
     del parts
-    kept = anon()
+    kept = anon_rss()
     assert held - kept < 100 * MIB, (held, kept)  # freed, yet resident: what the merge ran into
     release_freed()
-    assert kept - anon() > 500 * MIB, (held, kept, anon())
+    assert kept - anon_rss() > 500 * MIB, (held, kept, anon_rss())
     del pin
